@@ -1,0 +1,154 @@
+"""Self-attention of the Qwen3 family over a flattened batch, with a paged KV cache.
+
+`Qwen3Attention` is the whole mixer: packed QKV projection, per-head QK RMSNorm before RoPE, GQA,
+optional sigmoid output gate (Qwen3-Next's gated attention, where `q_proj` emits query and gate per
+head) and the output projection. `PagedAttention` is the core: it writes the new keys and values at
+`ctx.slot_mapping` and attends over each sequence's blocks. This module holds the plain-PyTorch
+reference path; the Triton kernels in `qwen3coder.kernels` are checked against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3coder.models.context import ForwardContext
+from qwen3coder.models.layers.norms import RMSNorm
+from qwen3coder.models.layers.rotary import RotaryEmbedding
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+          mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """q [Hq, Tq, D], k/v [Hk, Tk, D] -> [Tq, Hq, D]; GQA by repeating KV heads."""
+    rep = q.shape[0] // k.shape[0]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=0)
+        v = v.repeat_interleave(rep, dim=0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                         scale=scale)
+    return out.transpose(0, 1)
+
+
+class PagedAttention(nn.Module):
+    """softmax(q k^T * scale) v per sequence, causal, over cached + new keys."""
+
+    is_paged_attention = True
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """q [N, Hq, D], k/v [N, Hk, D] -> [N, Hq, D]."""
+        if not ctx.uses_cache:
+            return self._forward_no_cache(q, k, v, ctx)
+        assert self.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
+        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        return paged_attention_reference(q, self.k_cache, self.v_cache, ctx, self.scale)
+
+    def _forward_no_cache(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        lens = ctx.query_lens_cpu
+        if len(set(lens)) == 1:  # equal lengths: one batched call
+            b, t = len(lens), lens[0]
+            qb = q.view(b, t, *q.shape[1:]).transpose(1, 2)
+            kb = k.view(b, t, *k.shape[1:]).transpose(1, 2)
+            vb = v.view(b, t, *v.shape[1:]).transpose(1, 2)
+            rep = self.num_heads // self.num_kv_heads
+            if rep > 1:
+                kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=self.scale)
+            return out.transpose(1, 2).reshape(q.shape)
+        outs, start = [], 0
+        for n in lens:
+            sl = slice(start, start + n)
+            outs.append(_sdpa(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
+                              self.scale, None, True))
+            start += n
+        return torch.cat(outs, dim=0)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write new keys/values [N, Hk, D] into the paged cache at their slots (slot -1: skip)."""
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    keep = slot_mapping >= 0
+    if bool(keep.all()):
+        flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
+        flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+    else:
+        flat_k[slot_mapping[keep]] = k[keep].to(flat_k.dtype)
+        flat_v[slot_mapping[keep]] = v[keep].to(flat_v.dtype)
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              ctx: ForwardContext, scale: float) -> torch.Tensor:
+    """Plain-PyTorch paged attention (prefill, chunked prefill and decode alike).
+
+    Sequence s's new queries sit at positions `context_len .. seq_len-1`; each attends to cached keys
+    0..its own position, gathered from the sequence's blocks.
+    """
+    block_size = k_cache.shape[1]
+    assert ctx.block_tables is not None
+    out = torch.empty_like(q)
+    start = 0
+    for s, (n_q, n_k) in enumerate(zip(ctx.query_lens_cpu, ctx.seq_lens_cpu)):
+        n_blocks = (n_k + block_size - 1) // block_size
+        blocks = ctx.block_tables[s, :n_blocks].long()
+        ks = k_cache[blocks].flatten(0, 1)[:n_k].to(q.dtype)  # [n_k, Hk, D]
+        vs = v_cache[blocks].flatten(0, 1)[:n_k].to(q.dtype)
+        qs = q[start:start + n_q]
+        mask = None
+        if n_q > 1:
+            q_pos = torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
+            mask = torch.arange(n_k, device=q.device)[None, :] <= q_pos
+        out[start:start + n_q] = _sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                       scale, mask, False)
+        start += n_q
+    return out
+
+
+class Qwen3Attention(nn.Module):
+    """Qwen3 / Qwen3-MoE attention, or Qwen3-Next gated attention with `output_gate=True`."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 rotary: RotaryEmbedding, rms_norm_eps: float, bias: bool = False,
+                 output_gate: bool = False, zero_centered_norm: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.output_gate = output_gate
+        self.q_size = num_heads * head_dim * (2 if output_gate else 1)
+        self.kv_size = num_kv_heads * head_dim
+        # packed [q | k | v] projection; checkpoints' q_proj/k_proj/v_proj load into its shards
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.q_norm = RMSNorm(head_dim, rms_norm_eps, zero_centered=zero_centered_norm)
+        self.k_norm = RMSNorm(head_dim, rms_norm_eps, zero_centered=zero_centered_norm)
+        self.rotary = rotary
+        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
+
+    packed_shards = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+    def shard_slices(self) -> list[slice]:
+        q, kv = self.q_size, self.kv_size
+        return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        n = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        gate = None
+        if self.output_gate:
+            q, gate = q.view(n, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(n, -1)
+        q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))
+        k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, ctx).reshape(n, -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)

@@ -1,0 +1,87 @@
+"""Sparse mixture of experts of Qwen3-MoE and Qwen3-Next.
+
+Router: `router_logits = x W_gate^T` -> softmax in fp32 -> top-k -> renormalise when
+`norm_topk_prob` -> cast to the activation dtype. Experts are SwiGLU MLPs stored packed, the layout
+fused kernels want: `experts.gate_up_proj [E, 2*I, H]` (gate rows first) and
+`experts.down_proj [E, H, I]` — transformers 5's layout; the checkpoints' per-expert tensors are packed
+into it at load time. Qwen3-Next adds an always-on shared expert scaled by `sigmoid(shared_expert_gate(x))`.
+
+`moe_forward_reference` is the plain-PyTorch path (one matmul pair per expert that received tokens);
+`qwen3coder.kernels` holds the fused Triton versions checked against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3coder.models.layers.mlp import SwiGLUMLP
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, dtype: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_weights [N, k] in `dtype`, topk_ids [N, k]) from router logits [N, E]."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights.to(dtype), topk_ids
+
+
+def moe_forward_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                          topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k · Expert_{id_k}(x) for x [N, H]; loops over the experts that received tokens."""
+    out = torch.zeros_like(x)
+    num_experts = gate_up_proj.shape[0]
+    flat_ids = topk_ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    token_of = order // topk_ids.shape[1]
+    weight_of = topk_weights.flatten()[order]
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        idx = token_of[start:start + c]
+        gate, up = F.linear(x[idx], gate_up_proj[e]).chunk(2, dim=-1)
+        h = F.linear(F.silu(gate) * up, down_proj[e]) * weight_of[start:start + c, None]
+        out.index_add_(0, idx, h.to(out.dtype))
+        start += c
+    return out
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return moe_forward_reference(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 norm_topk_prob: bool, shared_expert_intermediate_size: int = 0) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.shared_expert = self.shared_expert_gate = None
+        if shared_expert_intermediate_size > 0:
+            self.shared_expert = SwiGLUMLP(hidden_size, shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.router_logits: torch.Tensor | None = None  # kept when `keep_router_logits` (training)
+        self.keep_router_logits = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_logits = self.gate(x)
+        if self.keep_router_logits:
+            self.router_logits = router_logits
+        topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob, x.dtype)
+        out = self.experts(x, topk_weights, topk_ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

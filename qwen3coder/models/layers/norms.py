@@ -1,0 +1,52 @@
+"""RMSNorm variants of the Qwen3 family, each matching transformers bit for bit in float32.
+
+* `RMSNorm` — Qwen3 / Qwen3-MoE: normalise in fp32, cast back, multiply by `weight` (init 1).
+* `RMSNorm(zero_centered=True)` — Qwen3-Next: the weight is stored as an offset (init 0) and the
+  multiply by `1 + weight` happens in fp32 before the cast.
+* `RMSNormGated` — the Gated DeltaNet output norm: normalise, scale, then multiply by `silu(z)`.
+
+`forward(x, residual)` fuses the residual add of the pre-norm decoder (vLLM's pattern): it returns
+`(norm(x + residual), x + residual)`; the sum is the same one transformers computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self._norm(x)
+        x = residual + x
+        return self._norm(x), x
+
+
+class RMSNormGated(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * xf.to(dtype)
+        out = out * F.silu(gate.float())
+        return out.to(dtype)

@@ -1,0 +1,175 @@
+"""`CudaModelRunner`: the model runner on a CUDA device.
+
+Differences from the plain runner:
+* the KV pool is sized from free memory after a warm-up forward of the largest step
+  (`max_num_batched_tokens` tokens, plus sampling `max_num_seqs` rows): blocks =
+  (total * gpu_memory_utilization - memory in use - warm-up peak - state slots) / bytes per block;
+* decode steps replay CUDA graphs captured for batch buckets [1, 2, 4, 8, 16, 32, 64, ...] up to
+  `max_num_seqs`, reading static input buffers (ids, positions, slot mapping, block tables,
+  sequence lengths, state slots); padding rows write to a scratch KV block and a scratch state
+  slot that no sequence owns. Logits come out of the graph; sampling runs on the GPU, and the only
+  host sync per step is reading the sampled token ids.
+
+Graphs are captured only for models that declare `supports_cuda_graphs = True`, i.e. whose decode
+path (`ctx.is_decode`) reads only device tensors (no `*_cpu` lists, no `.item()`): in a captured
+decode, `ctx.seq_lens_cpu` holds `max_model_len` upper bounds, not the real lengths. Other models,
+or `enforce_eager=True`, run every step eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from qwen3coder.engine.block_manager import cdiv
+from qwen3coder.engine.config import EngineConfig
+from qwen3coder.engine.model_runner import ModelRunner
+from qwen3coder.engine.sampler import SamplingMetadata
+from qwen3coder.engine.sampling_params import SamplingParams
+from qwen3coder.models.context import ForwardContext
+
+logger = logging.getLogger("qwen3coder.engine")
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_num_seqs)
+    return sizes
+
+
+class CudaModelRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, model: nn.Module):
+        assert config.device.type == "cuda"
+        torch.cuda.set_device(config.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        super().__init__(config, model)
+        if not config.enforce_eager and getattr(model, "supports_cuda_graphs", False):
+            self.capture_graphs()
+        elif not config.enforce_eager:
+            logger.info("model does not declare supports_cuda_graphs: decode runs eagerly")
+
+    # ------------------------------------------------------------------ memory
+    @torch.inference_mode()
+    def profile_num_kv_blocks(self) -> int:
+        sched = self.config.scheduler
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(sched.max_num_batched_tokens, sched.max_model_len * sched.max_num_seqs)
+        lens = [min(sched.max_model_len, n - i) for i in range(0, n, sched.max_model_len)]
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(t, device=self.device) for t in lens])
+        ctx = ForwardContext.no_cache(lens, self.device)
+        hidden = self.model.forward_step(ids, positions, ctx)
+        rows = torch.arange(min(sched.max_num_seqs, n), device=self.device) % n
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        dummy = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, logprobs=5)
+        md = SamplingMetadata(
+            temperature=torch.full((rows.numel(),), dummy.temperature, device=self.device),
+            greedy=torch.zeros(rows.numel(), dtype=torch.bool, device=self.device), all_greedy=False,
+            top_k=torch.full((rows.numel(),), 20, dtype=torch.long, device=self.device),
+            top_p=torch.full((rows.numel(),), 0.8, device=self.device), min_p=None,
+            repetition_penalty=None, presence_penalty=None, frequency_penalty=None, prompt_token_ids=None,
+            output_token_ids=None, generators={}, banned=[], max_num_logprobs=5)
+        self.sampler(logits, md)
+        del hidden, logits
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        peak_extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        state = (self.num_state_slots + 1) * self.state_bytes_per_slot
+        available = int(total * self.config.cache.gpu_memory_utilization) - used - peak_extra - state
+        num = available // self.kv_bytes_per_block - 1  # one scratch block for graph padding
+        if num < 1:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache (total {total / 2**30:.1f} GiB, in use "
+                f"{used / 2**30:.1f} GiB, warm-up peak +{peak_extra / 2**30:.1f} GiB, state slots "
+                f"{state / 2**30:.1f} GiB); raise gpu_memory_utilization or lower max_num_batched_tokens "
+                f"/ max_num_seqs")
+        max_useful = sched.max_num_seqs * cdiv(sched.max_model_len, self.block_size)
+        torch.cuda.empty_cache()
+        return int(min(num, max_useful))
+
+    def allocate_caches(self, extra_blocks: int = 1, extra_slots: int = 1) -> None:
+        super().allocate_caches(extra_blocks=1, extra_slots=1 if self.hybrid else 0)
+        self.scratch_block = self.num_kv_blocks
+        self.scratch_slot = self.num_state_slots
+
+    # ------------------------------------------------------------------ CUDA graphs
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        sched = self.config.scheduler
+        self.graph_sizes = graph_batch_sizes(sched.max_num_seqs)
+        max_bs = self.graph_sizes[-1]
+        self.max_blocks_per_seq = cdiv(sched.max_model_len, self.block_size)
+        dev = self.device
+        self.g_input_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slot_mapping = torch.full((max_bs,), self.scratch_block * self.block_size, dtype=torch.long,
+                                         device=dev)
+        self.g_block_tables = torch.full((max_bs, self.max_blocks_per_seq), self.scratch_block,
+                                         dtype=torch.int32, device=dev)
+        self.g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.g_query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.g_state_indices = torch.full((max_bs,), self.scratch_slot if self.hybrid else 0, dtype=torch.long,
+                                          device=dev)
+        self.g_logits = torch.zeros(max_bs, self.vocab_size, dtype=self.dtype, device=dev)
+        pool = None
+        for bs in reversed(self.graph_sizes):
+            ctx = self._graph_context(bs)
+            self._graph_body(bs, ctx)  # warm up (allocations, autotuning) outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._graph_body(bs, ctx)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
+
+    def _graph_context(self, bs: int) -> ForwardContext:
+        max_len = self.config.scheduler.max_model_len
+        return ForwardContext(
+            query_start_loc=self.g_query_start_loc[:bs + 1], seq_lens=self.g_seq_lens[:bs],
+            query_lens_cpu=[1] * bs, seq_lens_cpu=[max_len] * bs,  # upper bounds: see module docstring
+            slot_mapping=self.g_slot_mapping[:bs], block_tables=self.g_block_tables[:bs],
+            state_indices=self.g_state_indices[:bs] if self.hybrid else None,
+            has_initial_state_cpu=[True] * bs if self.hybrid else None,
+            logits_indices=None)
+
+    def _graph_body(self, bs: int, ctx: ForwardContext) -> None:
+        hidden = self.model.forward_step(self.g_input_ids[:bs], self.g_positions[:bs], ctx)
+        self.g_logits[:bs] = self.model.compute_logits(hidden)
+
+    def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                       rows: torch.Tensor) -> torch.Tensor:
+        bs = ctx.num_seqs
+        usable = (self.graphs and ctx.is_decode and rows.numel() == bs and bs <= self.graph_sizes[-1]
+                  and (not self.hybrid or all(ctx.has_initial_state_cpu))
+                  and ctx.block_tables.shape[1] <= self.max_blocks_per_seq)
+        if not usable:
+            return super().forward_logits(input_ids, positions, ctx, rows)
+        bucket = next(b for b in self.graph_sizes if b >= bs)
+        width = ctx.block_tables.shape[1]
+        self.g_input_ids[:bs].copy_(input_ids)
+        self.g_positions[:bs].copy_(positions)
+        self.g_slot_mapping[:bs].copy_(ctx.slot_mapping)
+        self.g_block_tables[:bs, :width].copy_(ctx.block_tables)
+        self.g_seq_lens[:bs].copy_(ctx.seq_lens)
+        if self.hybrid:
+            self.g_state_indices[:bs].copy_(ctx.state_indices)
+        if bucket > bs:  # padding rows: one token at position 0 in the scratch block / slot
+            self.g_input_ids[bs:bucket].zero_()
+            self.g_positions[bs:bucket].zero_()
+            self.g_slot_mapping[bs:bucket].fill_(self.scratch_block * self.block_size)
+            self.g_block_tables[bs:bucket, 0].fill_(self.scratch_block)
+            self.g_seq_lens[bs:bucket].fill_(1)
+            if self.hybrid:
+                self.g_state_indices[bs:bucket].fill_(self.scratch_slot)
+        self.graphs[bucket].replay()
+        return self.g_logits[:bs]

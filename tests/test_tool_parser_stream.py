@@ -102,8 +102,11 @@ def test_char_by_char_streams_like_non_streaming(text):
 VALUE_PIECES = list("ab <>/=\n\"'\\{}[]:,0123456789") + ["😀", "中", "</parameter>", "<tool_call>", "</function>"]
 # A value holding a real closing sequence (e.g. "</parameter>\n</function>") is ambiguous by design;
 # every other literal tag inside a value must survive.
+# The closing sequences are those of tool_value._CLOSERS_AFTER: `</parameter>` or `</function>` followed
+# by `<tool_call>` also closes (recovery of a call whose closing tags are missing).
 AMBIGUOUS = re.compile(
-    r"</parameter>\s*(</function>|</tool_call>|<parameter=)|</function>\s*</tool_call>|</tool_call>\s*<tool_call>"
+    r"</parameter>\s*(</function>|</tool_call>|<parameter=|<tool_call>)|</function>\s*(</tool_call>|<tool_call>)"
+    r"|</tool_call>\s*<tool_call>"
 )
 values = st.lists(st.sampled_from(VALUE_PIECES), max_size=40).map("".join).filter(lambda v: not AMBIGUOUS.search(v))
 prose_texts = st.lists(st.sampled_from(list("ab .\n`") + ["<tool_call>", "<func"]), max_size=20).map("".join)

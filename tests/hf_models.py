@@ -51,19 +51,26 @@ def hf_model(model_type: str, seed: int = 0, **overrides: Any):
     cls = {"qwen3": transformers.Qwen3ForCausalLM, "qwen3_moe": transformers.Qwen3MoeForCausalLM,
            "qwen3_next": transformers.Qwen3NextForCausalLM}[model_type]
     torch.manual_seed(seed)
-    model = cls(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.uniform_(-1.0, 1.0)
-            elif name.endswith("dt_bias"):
-                p.uniform_(0.5, 1.5)
-            elif "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif "embed_tokens" in name:
-                p.normal_(0, 1.0)
-            else:
-                p.normal_(0, 0.15)
+    return randomize_(cls(config).float().eval())
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, std: float = 0.15, norm_base: float | None = None) -> torch.nn.Module:
+    """Re-draw every weight (in place): matrices N(0, std), embeddings N(0, 1), norms perturbed by 0.1
+    around their current value (or around `norm_base`), DeltaNet decay parameters in a useful range."""
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.uniform_(-1.0, 1.0)
+        elif name.endswith("dt_bias"):
+            p.uniform_(0.5, 1.5)
+        elif "norm" in name:
+            if norm_base is not None:
+                p.fill_(norm_base)
+            p.add_(torch.randn_like(p) * 0.1)
+        elif "embed_tokens" in name:
+            p.normal_(0, 1.0)
+        else:
+            p.normal_(0, std)
     return model
 
 

@@ -46,20 +46,9 @@ def random_model(preset: str = "tiny", seed: int = 0, std: float = 0.15) -> torc
 
     torch.manual_seed(seed)
     cfg = ModelConfig.preset(preset)
-    model = build_model(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.uniform_(-1.0, 1.0)
-            elif name.endswith("dt_bias"):
-                p.uniform_(0.5, 1.5)
-            elif "norm" in name:
-                p.fill_(1.0).add_(torch.randn_like(p) * 0.1)
-            elif "embed_tokens" in name:
-                p.normal_(0, 1.0)
-            else:
-                p.normal_(0, std)
-    return model
+    from tests.hf_models import randomize_
+
+    return randomize_(build_model(cfg).float().eval(), std=std, norm_base=1.0)
 
 
 def reference_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:

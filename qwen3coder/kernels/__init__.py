@@ -1,1 +1,26 @@
-"""Compute kernels. Each fast (Triton) kernel sits beside the plain-PyTorch reference it is tested against."""
+"""Compute kernels. Each fast (Triton) kernel sits beside the plain-PyTorch reference it is tested against.
+
+The model layers call `use_triton(tensor)`: Triton kernels run for CUDA tensors when triton is
+installed, unless `QWEN3CODER_KERNELS=torch` asks for the reference path everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON = True
+except ImportError:  # pragma: no cover - CPU installs without triton
+    _TRITON = False
+
+
+def triton_enabled() -> bool:
+    return _TRITON and os.environ.get("QWEN3CODER_KERNELS", "triton") != "torch"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton_enabled()

@@ -51,6 +51,13 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.fp8_weight_scales: dict[str, torch.Tensor] = {}  # filled by the loader for FP8 checkpoints
 
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Decode reads only device tensors (Triton kernels), so the CUDA runner may capture it."""
+        from qwen3coder.kernels import triton_enabled
+
+        return triton_enabled()
+
     # ---------------------------------------------------------------- entry points
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Reference forward: logits [B, T, V] for whole sequences, no cache."""

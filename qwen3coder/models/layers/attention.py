@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen3coder.kernels import use_triton
 from qwen3coder.models.context import ForwardContext
 from qwen3coder.models.layers.norms import RMSNorm
 from qwen3coder.models.layers.rotary import RotaryEmbedding
@@ -46,6 +47,13 @@ class PagedAttention(nn.Module):
         if not ctx.uses_cache:
             return self._forward_no_cache(q, k, v, ctx)
         assert self.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
+        if ctx.is_decode and use_triton(q):
+            # device tensors only (CUDA-graph safe): decode never has -1 slots
+            from qwen3coder.kernels.paged_attention import paged_attention_decode
+
+            store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, all_valid=True)
+            return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.seq_lens,
+                                          self.scale)
         store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         return paged_attention_reference(q, self.k_cache, self.v_cache, ctx, self.scale)
 
@@ -71,10 +79,14 @@ class PagedAttention(nn.Module):
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, all_valid: bool = False) -> None:
     """Write new keys/values [N, Hk, D] into the paged cache at their slots (slot -1: skip)."""
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    if all_valid:
+        flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
+        flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+        return
     keep = slot_mapping >= 0
     if bool(keep.all()):
         flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))

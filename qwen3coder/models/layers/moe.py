@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen3coder.kernels import use_triton
 from qwen3coder.models.layers.mlp import SwiGLUMLP
 
 
@@ -59,6 +60,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            from qwen3coder.kernels.fused_moe import fused_moe
+
+            block_m = 16 if topk_ids.numel() <= 4096 else 64
+            return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, block_m)
         return moe_forward_reference(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
 
 

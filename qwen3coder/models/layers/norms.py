@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen3coder.kernels import use_triton
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False) -> None:
@@ -31,6 +33,10 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if use_triton(x):
+            from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm
+
+            return fused_add_rmsnorm(x, residual, self.weight, self.eps, self.zero_centered)
         if residual is None:
             return self._norm(x)
         x = residual + x

@@ -1,0 +1,121 @@
+"""Fused mixture-of-experts in Triton: tokens sorted by expert, grouped GEMMs, no per-expert loop.
+
+`moe_align(topk_ids)` lays the (token, k) pairs out expert by expert, each expert's run padded to a
+multiple of BLOCK_M, entirely with device ops (no host sync: CUDA-graph safe). Two grouped GEMMs then
+run over those blocks — `x @ W13[e]^T` (gate|up), SwiGLU, `h @ W2[e]^T` scaled by the routing
+weight — so each program reads one tile of one expert's weights, and an expert's weights are read
+once per BLOCK_M tokens routed to it, whatever the batch. The same path serves decode (one token:
+the top-k experts' weights read once) and prefill (tokens grouped per expert).
+`moe_forward_reference` in `qwen3coder.models.layers.moe` is the plain-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_ids [P], block_expert [P/block_m]) for the flattened (token, k) pairs.
+
+    `sorted_ids` holds pair indices grouped by expert, each group padded to a multiple of `block_m`
+    with the sentinel `num_pairs`; `block_expert[b]` is the expert of block b, -1 past the end.
+    P = num_pairs + num_experts * (block_m - 1) rounded up to block_m: static for a given batch.
+    """
+    flat = topk_ids.flatten()
+    num_pairs = flat.numel()
+    dev = flat.device
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = padded.cumsum(0)
+    pad_start = pad_end - padded
+    order = torch.argsort(flat, stable=True)
+    experts_sorted = flat[order]
+    rank = torch.arange(num_pairs, device=dev) - (counts.cumsum(0) - counts)[experts_sorted]
+    total = num_pairs + num_experts * (block_m - 1)
+    total = (total + block_m - 1) // block_m * block_m
+    sorted_ids = torch.full((total,), num_pairs, dtype=torch.long, device=dev)
+    sorted_ids[pad_start[experts_sorted] + rank] = order
+    block_starts = torch.arange(0, total, block_m, device=dev)
+    block_expert = torch.searchsorted(pad_end, block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, torch.full_like(block_expert, -1))
+    return sorted_ids, block_expert
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
+                             num_pairs, n_out, k_in, stride_am, stride_we, stride_wn, stride_cm,
+                             A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """C[pair, n] = sum_k A[pair // A_ROW_DIV, k] * W[expert, n, k] (* weight[pair])."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + rows)
+        row_ok = pair < num_pairs
+        a_row = pair // A_ROW_DIV
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_out
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        for k0 in range(0, k_in, BLOCK_K):
+            k_ok = (k0 + ks) < k_in
+            a = tl.load(a_ptr + a_row[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + cols[None, :].to(tl.int64) * stride_wn + (k0 + ks)[:, None],
+                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
+            if IEEE:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        if MUL_WEIGHT:
+            rw = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+            acc = acc * rw[:, None]
+        tl.store(c_ptr + pair[:, None].to(tl.int64) * stride_cm + cols[None, :],
+                 acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor,
+                  block_expert: torch.Tensor, weights: torch.Tensor | None, a_row_div: int,
+                  block_m: int) -> None:
+    num_pairs, n_out = out.shape
+    k_in = w.shape[2]
+    block_n = min(64, triton.next_power_of_2(n_out))
+    block_k = min(64, max(16, triton.next_power_of_2(k_in)))
+    grid = (block_expert.numel(), triton.cdiv(n_out, block_n))
+    _grouped_gemm_kernel[grid](
+        a, w, out, sorted_ids, block_expert, weights if weights is not None else out,
+        num_pairs, n_out, k_in, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        A_ROW_DIV=a_row_div, MUL_WEIGHT=weights is not None, IEEE=a.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, block_m: int = 16) -> torch.Tensor:
+    """Σ_k w_k · SwiGLU_{id_k}(x) for x [N, H]; weights as in `Experts` ([E, 2I, H], [E, H, I])."""
+    assert triton is not None, "triton is not installed"
+    n, k = topk_ids.shape
+    num_experts, two_i, _ = gate_up_proj.shape
+    x = x.contiguous()
+    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+    inter = torch.empty(n * k, two_i, dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, gate_up_proj, inter, sorted_ids, block_expert, None, k, block_m)
+    gate, up = inter.chunk(2, dim=-1)
+    act = (F.silu(gate) * up).contiguous()
+    out = torch.empty(n * k, down_proj.shape[1], dtype=x.dtype, device=x.device)
+    _grouped_gemm(act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), 1,
+                  block_m)
+    return out.view(n, k, -1).sum(dim=1)

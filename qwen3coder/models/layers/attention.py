@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from qwen3coder.kernels import use_triton
 from qwen3coder.models.context import ForwardContext
@@ -113,12 +114,11 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         ks = k_cache[blocks].flatten(0, 1)[:n_k].to(q.dtype)  # [n_k, Hk, D]
         vs = v_cache[blocks].flatten(0, 1)[:n_k].to(q.dtype)
         qs = q[start:start + n_q]
-        mask = None
-        if n_q > 1:
-            q_pos = torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
-            mask = torch.arange(n_k, device=q.device)[None, :] <= q_pos
+        # query i sits at position n_k - n_q + i: causal aligned to the bottom-right corner. A bias
+        # object (not a boolean mask) keeps SDPA on its memory-efficient kernels for long prompts.
+        mask = causal_lower_right(n_q, n_k) if 1 < n_q < n_k else None
         out[start:start + n_q] = _sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                                       scale, mask, False)
+                                       scale, mask, n_q == n_k and n_q > 1)
         start += n_q
     return out
 

@@ -27,9 +27,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if rep > 1:
         k = k.repeat_interleave(rep, dim=0)
         v = v.repeat_interleave(rep, dim=0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                         scale=scale)
-    return out.transpose(0, 1)
+    # 4-D [1, H, T, D]: SDPA's flash / memory-efficient kernels need a batch dimension (3-D inputs
+    # fall back to the math path, which materialises the [H, Tq, Tk] scores)
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                         is_causal=causal and mask is None, scale=scale)
+    return out[0].transpose(0, 1)
 
 
 class PagedAttention(nn.Module):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up qwen3coder in ./.venv: the right torch build for this machine, then the package.
 #   scripts/setup.sh          runtime only
-#   scripts/setup.sh --test   runtime + test dependencies (transformers, openai, pytest, hypothesis)
+#   scripts/setup.sh --test   runtime + test dependencies (transformers, openai, pytest, hypothesis,
+#                             triton for the kernel tests, playwright + Debian chromium for the web page)
 # Environment: PYTHON (interpreter, default python3), TORCH_SPEC (override the torch requirement),
 # TORCH_INDEX_URL (a pip index for torch, e.g. your mirror of CPU wheels).
 set -euo pipefail
@@ -35,4 +36,15 @@ fi
 
 # torch is already satisfied, so this installs only the rest
 "$VPY" -m pip install -q -e ".${extras}"
+
+# tests: the web-page test drives Debian's Chromium through playwright (no browser download)
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the web-page test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core) \
+      >/dev/null 2>&1 || echo "setup: could not install chromium; the web-page test will skip"
+  else
+    echo "setup: no chromium found; the web-page test will skip (install Debian's 'chromium' to run it)"
+  fi
+fi
 echo "setup: done ($("$VPY" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"

@@ -326,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     _add_serving_commands(sub)
     from qwen3coder.eval.cli import register as register_eval
+    from qwen3coder.train.cli import register as register_train
 
     register_eval(sub)
+    register_train(sub)
     return parser
 
 

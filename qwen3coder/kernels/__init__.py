@@ -1,7 +1,9 @@
 """Compute kernels. Each fast (Triton) kernel sits beside the plain-PyTorch reference it is tested against.
 
 The model layers call `use_triton(tensor)`: Triton kernels run for CUDA tensors when triton is
-installed, unless `QWEN3CODER_KERNELS=torch` asks for the reference path everywhere.
+installed and autograd is off (they are inference kernels: no backward), unless
+`QWEN3CODER_KERNELS=torch` asks for the reference path everywhere. Training therefore always takes
+the differentiable PyTorch path.
 """
 
 from __future__ import annotations
@@ -23,4 +25,4 @@ def triton_enabled() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and triton_enabled()
+    return t.is_cuda and not torch.is_grad_enabled() and triton_enabled()

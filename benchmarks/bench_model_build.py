@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import write_result  # noqa: E402
+from qwen3coder.bench.results import write_result  # noqa: E402
 
 from qwen3coder.config import ModelConfig  # noqa: E402
 from qwen3coder.loader import build_dummy_model  # noqa: E402

@@ -311,6 +311,18 @@ def _add_serving_commands(sub: Any) -> None:
         c.set_defaults(func=func)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qwen3coder.bench.decode import run
+    from qwen3coder.config import ConfigError
+
+    try:
+        path = run(args)
+    except ConfigError as e:
+        raise CLIError(str(e)) from e
+    print(f"results: {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3coder", description="Qwen3-Coder models, engine and tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_commands(sub)
     from qwen3coder.eval.cli import register as register_eval
     from qwen3coder.train.cli import register as register_train
+
+    b = sub.add_parser("bench", help="engine speed at a preset's real shapes (decode, TTFT, offline, "
+                                     "transformers comparison, --profile by kernel family)")
+    from qwen3coder.bench.decode import add_arguments as add_bench_arguments
+
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     register_eval(sub)
     register_train(sub)

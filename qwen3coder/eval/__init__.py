@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -74,6 +75,7 @@ def read_train_meta(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 def _timed(name: str, fn: Callable[[], Any], timings: dict[str, float], errors: dict[str, str]) -> Any:
     """Run one eval; a failure is recorded (and logged) instead of losing the other results."""
     start = time.perf_counter()
+    print(f"[eval] {name} ...", file=sys.stderr, flush=True)  # progress: a time-limited run shows where it was
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - reported in eval.json under "errors"
@@ -82,6 +84,7 @@ def _timed(name: str, fn: Callable[[], Any], timings: dict[str, float], errors: 
         return None
     finally:
         timings[name] = round(time.perf_counter() - start, 3)
+        print(f"[eval] {name} done in {timings[name]:.1f}s", file=sys.stderr, flush=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from typing import Any
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# benchmarks/results/ of a source checkout; elsewhere the current directory's benchmarks/results
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS = os.path.join(_REPO if os.path.isdir(os.path.join(_REPO, "benchmarks")) else os.getcwd(),
+                       "benchmarks", "results")
 
 
 def device_name() -> str:
@@ -24,11 +27,13 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("QWEN3CODER_COMMIT"):
+        return os.environ["QWEN3CODER_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("QWEN3CODER_COMMIT", "unknown")
+        return "unknown"
 
 
 def write_result(name: str, metrics: dict[str, Any], extra: dict[str, Any] | None = None,

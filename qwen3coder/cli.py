@@ -46,23 +46,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _build_llm(args: argparse.Namespace) -> Any:
     import torch
 
-    from qwen3coder.config import ConfigError, ModelConfig
+    from qwen3coder.config import ConfigError
     from qwen3coder.engine import LLM
-    from qwen3coder.loader import CheckpointError, build_dummy_model
+    from qwen3coder.loader import CheckpointError, build_dummy_model_for
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else args.dtype
     try:
         if args.load_format == "dummy":
-            if args.preset:
-                config = ModelConfig.preset(args.preset)
-            elif args.model:
-                config = ModelConfig.from_hf(args.model)
-            else:
-                raise CLIError("--load-format dummy needs --preset NAME or --model PATH (for its config.json)")
-            model = build_dummy_model(config, device=device,
-                                      dtype=dtype or ("bfloat16" if device == "cuda" else "float32"),
-                                      seed=args.seed)
+            model = build_dummy_model_for(args.preset, args.model, device, dtype, args.seed)
             return LLM(model, device=device, skip_tokenizer_init=True, max_model_len=args.max_model_len,
                        seed=args.seed)
         if args.preset:

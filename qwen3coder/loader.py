@@ -224,3 +224,16 @@ def build_dummy_model(config: ModelConfig, device: torch.device | str = "cpu",
     model = _materialize(config, device, parse_dtype(dtype))
     init_dummy_weights(model, seed)
     return model.eval()
+
+
+def build_dummy_model_for(preset: str | None, model_path: str | None, device: torch.device | str,
+                          dtype: str | torch.dtype | None = None, seed: int = 0) -> CausalLM:
+    """`--load-format dummy`: random weights at a preset's shapes, or at a checkpoint's config.json."""
+    if preset:
+        config = ModelConfig.preset(preset)
+    elif model_path:
+        config = ModelConfig.from_hf(model_path)
+    else:
+        raise ValueError("--load-format dummy needs --preset NAME or --model PATH (for its config.json)")
+    default = "bfloat16" if str(device).startswith("cuda") else "float32"
+    return build_dummy_model(config, device=device, dtype=dtype or default, seed=seed)

@@ -51,9 +51,9 @@ def build_engine(args: argparse.Namespace) -> Any:
     """`AsyncLLMEngine` from the serve/chat/complete arguments; LaunchError for user mistakes."""
     import torch
 
-    from qwen3coder.config import ConfigError, ModelConfig
+    from qwen3coder.config import ConfigError
     from qwen3coder.engine import AsyncLLMEngine, LLMEngine
-    from qwen3coder.loader import CheckpointError, build_dummy_model
+    from qwen3coder.loader import CheckpointError, build_dummy_model_for
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else args.dtype
@@ -70,14 +70,7 @@ def build_engine(args: argparse.Namespace) -> Any:
 
             tokenizer = load_tokenizer(args.tokenizer)
         if args.load_format == "dummy":
-            if args.preset:
-                config = ModelConfig.preset(args.preset)
-            elif args.model:
-                config = ModelConfig.from_hf(args.model)
-            else:
-                raise LaunchError("--load-format dummy needs --preset NAME or --model PATH (for its config.json)")
-            model = build_dummy_model(config, device=device,
-                                      dtype=dtype or ("bfloat16" if device == "cuda" else "float32"), seed=args.seed)
+            model = build_dummy_model_for(args.preset, args.model, device, dtype, args.seed)
             engine = LLMEngine.from_pretrained(model, tokenizer=tokenizer, skip_tokenizer_init=tokenizer is None,
                                                **kwargs)
         else:

@@ -11,7 +11,7 @@ from qwen3coder.bench.profile import family_of
 
 def test_bench_quick_cpu_with_profile(tmp_path):
     r = subprocess.run([sys.executable, "-m", "qwen3coder.cli", "bench", "--preset", "tiny", "--device", "cpu",
-                        "--quick", "--profile", "--skip", "decode_bs64,offline_64x1024x128",
+                        "--quick", "--profile", "--online-concurrency", "4", "--skip", "decode_bs64,offline_64x1024x128",
                         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     (path,) = tmp_path.glob("bench_decode_tiny-*.json")
@@ -20,7 +20,8 @@ def test_bench_quick_cpu_with_profile(tmp_path):
         assert key in record
     assert not record["errors"], record["errors"]
     m = record["metrics"]
-    for key in ("decode_bs1_tok_s", "decode_bs16_tok_s", "ttft_ms_1k", "offline_10x2048x1024_output_tok_s"):
+    for key in ("decode_bs1_tok_s", "decode_bs16_tok_s", "ttft_ms_1k", "offline_10x2048x1024_output_tok_s",
+                "online_output_tok_s", "online_ttft_ms_p50"):
         assert m[key] > 0, key
     prof = record["profile"]["decode_bs1"]
     assert prof["steps"] > 0 and abs(sum(prof["families_share"].values()) - 1.0) < 0.01

@@ -7,7 +7,8 @@
 Metrics (keys of the JSON under benchmarks/results/): decode_bs{1,16,64}_tok_s (output tokens/s of the
 decode phase: 128-token prompts), hbm_fraction_bs1 (bytes a batch-1 decode step must read / step time
 / the copy bandwidth measured in the same run), ttft_ms_{1k,8k,32k}, offline_10x2048x1024_output_tok_s,
-offline_64x1024x128_total_tok_s, and with --compare-transformers transformers_decode_bs{1,16}_tok_s on
+offline_64x1024x128_total_tok_s, online_* (streaming clients through the server at a given
+concurrency), and with --compare-transformers transformers_decode_bs{1,16}_tok_s on
 the same shape (transformers' fastest experts implementation available).
 """
 
@@ -142,6 +143,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--skip", default="", help="comma-separated scenario names to skip")
     ap.add_argument("--profile", action="store_true",
                     help="also profile batch-1 and batch-16 decode steps by kernel family")
+    ap.add_argument("--online-concurrency", type=int, default=16,
+                    help="clients of the online scenario (through the server); 0 skips it")
+    ap.add_argument("--online-requests", type=int, default=64)
     ap.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
 
 
@@ -226,6 +230,12 @@ def run(args: argparse.Namespace) -> str:
         for n in (1, 16):
             scenario(f"profile_bs{n}", lambda n=n: profiles.__setitem__(
                 f"decode_bs{n}", profile_decode(llm, n, cfg.vocab_size, steps=8 if quick else 32)))
+    if args.online_concurrency > 0:  # last: serving the engine shuts it down afterwards
+        from qwen3coder.bench.online import online_throughput
+
+        n_req = max(2, args.online_requests // 8) if quick else args.online_requests
+        scenario("online", lambda: metrics.update(online_throughput(
+            llm, cfg.vocab_size, n_req, 128 if quick else 1024, 16 if quick else 128, args.online_concurrency)))
     params_total, params_active = cfg.num_params()
     return write_result(f"bench_decode_{args.preset}", metrics,
                         extra={"preset": args.preset, "dtype": "bfloat16" if dev == "cuda" else "float32",

@@ -1,0 +1,81 @@
+"""Online throughput through the real server: N streaming requests at a fixed concurrency.
+
+The benchmark's engine is served by the same FastAPI app as `qwen3coder serve` (in-process, loopback,
+free port); clients stream `/v1/completions` with token-id prompts and `ignore_eos`, so every request
+produces exactly `output_len` tokens. Reported: request/s, output and total tokens/s, and
+time-to-first-token percentiles as the clients see them (HTTP and streaming included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+
+async def _one(client: Any, url: str, model: str, prompt: list[int], output_len: int) -> tuple[float, int]:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"server answered {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk.get("choices"):
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    if tokens != output_len:
+        raise RuntimeError(f"a request produced {tokens} tokens instead of {output_len}")
+    return ttft if ttft is not None else time.perf_counter() - t0, tokens
+
+
+async def _clients(url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int
+                   ) -> tuple[float, list[float], int]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def run(p: list[int]) -> tuple[float, int]:
+            async with sem:
+                return await _one(client, url, model, p, output_len)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(run(p) for p in prompts))
+        elapsed = time.perf_counter() - t0
+    return elapsed, [r[0] for r in results], sum(r[1] for r in results)
+
+
+def online_throughput(llm: Any, vocab: int, num_prompts: int, input_len: int, output_len: int,
+                      concurrency: int) -> dict[str, float]:
+    """Serve `llm`'s engine and measure streaming clients at `concurrency` (the engine is shut down after)."""
+    from qwen3coder.cli import build_parser
+    from qwen3coder.engine.async_engine import AsyncLLMEngine
+    from qwen3coder.server.launcher import LocalServer
+
+    args = build_parser().parse_args(["serve", "--served-model-name", "bench", "--disable-access-log"])
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, vocab, (input_len,), generator=g).tolist() for _ in range(num_prompts)]
+    with LocalServer(args, engine=AsyncLLMEngine(llm.llm_engine)) as server:
+        asyncio.run(_clients(server.url, "bench", prompts[:min(2, num_prompts)], 2, 2))  # warm-up
+        elapsed, ttfts, out_tokens = asyncio.run(_clients(server.url, "bench", prompts, output_len, concurrency))
+    ttfts.sort()
+    return {
+        "online_concurrency": concurrency,
+        "online_requests": num_prompts,
+        "online_request_s": round(num_prompts / elapsed, 3),
+        "online_output_tok_s": round(out_tokens / elapsed, 1),
+        "online_total_tok_s": round((out_tokens + num_prompts * input_len) / elapsed, 1),
+        "online_ttft_ms_p50": round(1000 * statistics.median(ttfts), 1),
+        "online_ttft_ms_p99": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1),
+    }

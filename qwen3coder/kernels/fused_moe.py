@@ -2,8 +2,8 @@
 
 `moe_align(topk_ids)` lays the (token, k) pairs out expert by expert, each expert's run padded to a
 multiple of BLOCK_M, entirely with device ops (no host sync: CUDA-graph safe). Two grouped GEMMs then
-run over those blocks — `x @ W13[e]^T` (gate|up), SwiGLU, `h @ W2[e]^T` scaled by the routing
-weight — so each program reads one tile of one expert's weights, and an expert's weights are read
+run over those blocks — gate and up tiles of `x @ W13[e]^T` with SwiGLU in the epilogue, then
+`h @ W2[e]^T` scaled by the routing weight — so each program reads one tile of one expert's weights, and an expert's weights are read
 once per BLOCK_M tokens routed to it, whatever the batch. The same path serves decode (one token:
 the top-k experts' weights read once) and prefill (tokens grouped per expert).
 `moe_forward_reference` in `qwen3coder.models.layers.moe` is the plain-PyTorch reference.
@@ -12,7 +12,6 @@ the top-k experts' weights read once) and prefill (tokens grouped per expert).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -27,7 +26,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 
     `sorted_ids` holds pair indices grouped by expert, each group padded to a multiple of `block_m`
     with the sentinel `num_pairs`; `block_expert[b]` is the expert of block b, -1 past the end.
-    P = num_pairs + num_experts * (block_m - 1) rounded up to block_m: static for a given batch.
+    P = num_pairs + min(num_experts, num_pairs) * (block_m - 1) rounded up to block_m: static for a given
+    batch (decode at batch 1 with top-8: 8 blocks, not one per expert).
     """
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
@@ -39,7 +39,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     order = torch.argsort(flat, stable=True)
     experts_sorted = flat[order]
     rank = torch.arange(num_pairs, device=dev) - (counts.cumsum(0) - counts)[experts_sorted]
-    total = num_pairs + num_experts * (block_m - 1)
+    # only experts that received tokens are padded: at most min(E, pairs) of them
+    total = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
     total = (total + block_m - 1) // block_m * block_m
     sorted_ids = torch.full((total,), num_pairs, dtype=torch.long, device=dev)
     sorted_ids[pad_start[experts_sorted] + rank] = order
@@ -88,6 +89,47 @@ if triton is not None:
                  acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+    @triton.jit
+    def _gate_up_swiglu_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_pairs, inter, k_in,
+                               stride_xm, stride_we, stride_wn, stride_am, TOP_K: tl.constexpr,
+                               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+        """act[pair, j] = silu(x[token] . W13[e, j]) * (x[token] . W13[e, inter + j]): gate and up tiles
+        in one program, so the [pairs, 2I] intermediate never goes to memory."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + rows)
+        row_ok = pair < num_pairs
+        token = pair // TOP_K
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < inter
+        ks = tl.arange(0, BLOCK_K)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        for k0 in range(0, k_in, BLOCK_K):
+            k_ok = (k0 + ks) < k_in
+            a = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_xm + (k0 + ks)[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wmask = col_ok[None, :] & k_ok[:, None]
+            wg = tl.load(w_base + cols[None, :].to(tl.int64) * stride_wn + (k0 + ks)[:, None], mask=wmask, other=0.0)
+            wu = tl.load(w_base + (cols + inter)[None, :].to(tl.int64) * stride_wn + (k0 + ks)[:, None],
+                         mask=wmask, other=0.0)
+            if IEEE:
+                acc_g += tl.dot(a, wg, input_precision="ieee")
+                acc_u += tl.dot(a, wu, input_precision="ieee")
+            else:
+                acc_g += tl.dot(a, wg)
+                acc_u += tl.dot(a, wu)
+        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(act_ptr + pair[:, None].to(tl.int64) * stride_am + cols[None, :],
+                 act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor,
                   block_expert: torch.Tensor, weights: torch.Tensor | None, a_row_div: int,
                   block_m: int) -> None:
@@ -111,10 +153,14 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
     num_experts, two_i, _ = gate_up_proj.shape
     x = x.contiguous()
     sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
-    inter = torch.empty(n * k, two_i, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, gate_up_proj, inter, sorted_ids, block_expert, None, k, block_m)
-    gate, up = inter.chunk(2, dim=-1)
-    act = (F.silu(gate) * up).contiguous()
+    inter = two_i // 2
+    act = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)
+    block_n = min(64, triton.next_power_of_2(inter))
+    block_k = min(64, max(16, triton.next_power_of_2(x.shape[1])))
+    _gate_up_swiglu_kernel[(block_expert.numel(), triton.cdiv(inter, block_n))](
+        x, gate_up_proj, act, sorted_ids, block_expert, n * k, inter, x.shape[1], x.stride(0),
+        gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), TOP_K=k,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     out = torch.empty(n * k, down_proj.shape[1], dtype=x.dtype, device=x.device)
     _grouped_gemm(act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), 1,
                   block_m)

@@ -53,10 +53,11 @@ def test_fused_moe_matches_reference(dtype, n_tokens, experts, top_k, hidden, in
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(4, 2, 32, 16), (8, 1, 64, 8), (4, 4, 16, 4)])
-def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim, block_size):
+def test_paged_decode_matches_reference(dtype, split, heads, kv_heads, head_dim, block_size):
     g = torch.Generator().manual_seed(1)
-    seq_lens = [1, 7, 33, block_size * 3]
+    seq_lens = [1, 7, 33, block_size * 3] + ([130, 75] if split else [])
     tables, nxt = [], 1
     for n in seq_lens:
         blocks = (n + block_size - 1) // block_size
@@ -69,7 +70,9 @@ def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim, block_
     ctx = ForwardContext.build([1] * len(seq_lens), seq_lens, tables, block_size, device=DEV)
     scale = head_dim ** -0.5
     expected = paged_attention_reference(q, k_cache, v_cache, ctx, scale).float()
-    got = paged_attention_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale).float()
+    # split form: partitions of 32 tokens, and a bound above every length (empty trailing splits)
+    kwargs = dict(max_seq_len=max(seq_lens) + 40, partition=32) if split else {}
+    got = paged_attention_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale, **kwargs).float()
     assert (got - expected).abs().max().item() <= TOL[dtype] * 4
 
 

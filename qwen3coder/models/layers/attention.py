@@ -56,7 +56,7 @@ class PagedAttention(nn.Module):
 
             store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, all_valid=True)
             return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.seq_lens,
-                                          self.scale)
+                                          self.scale, max_seq_len=max(ctx.seq_lens_cpu))
         store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         return paged_attention_reference(q, self.k_cache, self.v_cache, ctx, self.scale)
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen3coder.chat.detokenizer import IncrementalDetokenizer
-from qwen3coder.chat.tokenizer import Tokenizer, load_tokenizer
+from qwen3coder.chat.tokenizer import Tokenizer, byte_to_unicode, load_tokenizer
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 TOK_DIR = REF / "qwen3-coder-30b-a3b-instruct"
@@ -109,16 +109,7 @@ def _byte_tokens(text: str) -> list[int]:
         tid = tok.token_to_id(ch)
         assert tid is not None
         mapping[ch] = tid
-    # GPT-2 byte <-> unicode table
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_to_char = {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+    byte_to_char = byte_to_unicode()
     return [mapping[byte_to_char[b]] for b in text.encode("utf-8")]
 
 

@@ -16,15 +16,9 @@ from qwen3coder.engine.outputs import Logprob, RequestOutput
 
 @lru_cache(maxsize=1)
 def _unicode_to_byte() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    from qwen3coder.chat.tokenizer import byte_to_unicode
+
+    return {c: b for b, c in byte_to_unicode().items()}
 
 
 class TokenText:

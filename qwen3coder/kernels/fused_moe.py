@@ -53,11 +53,11 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 if triton is not None:
 
     @triton.jit
-    def _grouped_gemm_kernel(a_ptr, w_ptr, c_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
-                             num_pairs, n_out, k_in, stride_am, stride_we, stride_wn, stride_cm,
-                             A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, IEEE: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """C[pair, n] = sum_k A[pair // A_ROW_DIV, k] * W[expert, n, k] (* weight[pair])."""
+    def _down_proj_kernel(h_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
+                          num_pairs, n_out, k_in, stride_hm, stride_we, stride_wn, stride_om,
+                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        """out[pair, n] = weight[pair] * sum_k h[pair, k] * W2[expert, n, k]."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -66,7 +66,6 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         pair = tl.load(sorted_ids_ptr + rows)
         row_ok = pair < num_pairs
-        a_row = pair // A_ROW_DIV
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_out
         ks = tl.arange(0, BLOCK_K)
@@ -74,20 +73,17 @@ if triton is not None:
         w_base = w_ptr + expert.to(tl.int64) * stride_we
         for k0 in range(0, k_in, BLOCK_K):
             k_ok = (k0 + ks) < k_in
-            a = tl.load(a_ptr + a_row[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
+            h = tl.load(h_ptr + pair[:, None].to(tl.int64) * stride_hm + (k0 + ks)[None, :],
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_base + cols[None, :].to(tl.int64) * stride_wn + (k0 + ks)[:, None],
                         mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
             if IEEE:
-                acc += tl.dot(a, w, input_precision="ieee")
+                acc += tl.dot(h, w, input_precision="ieee")
             else:
-                acc += tl.dot(a, w)
-        if MUL_WEIGHT:
-            rw = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
-            acc = acc * rw[:, None]
-        tl.store(c_ptr + pair[:, None].to(tl.int64) * stride_cm + cols[None, :],
-                 acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
+                acc += tl.dot(h, w)
+        rw = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_om + cols[None, :],
+                 (acc * rw[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_pairs, inter, k_in,
@@ -130,19 +126,9 @@ if triton is not None:
                  act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor,
-                  block_expert: torch.Tensor, weights: torch.Tensor | None, a_row_div: int,
-                  block_m: int) -> None:
-    num_pairs, n_out = out.shape
-    k_in = w.shape[2]
-    block_n = min(64, triton.next_power_of_2(n_out))
-    block_k = min(64, max(16, triton.next_power_of_2(k_in)))
-    grid = (block_expert.numel(), triton.cdiv(n_out, block_n))
-    _grouped_gemm_kernel[grid](
-        a, w, out, sorted_ids, block_expert, weights if weights is not None else out,
-        num_pairs, n_out, k_in, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        A_ROW_DIV=a_row_div, MUL_WEIGHT=weights is not None, IEEE=a.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+def _tiles(n_out: int, k_in: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) for a grouped GEMM with `n_out` output columns over `k_in`."""
+    return min(64, triton.next_power_of_2(n_out)), min(64, max(16, triton.next_power_of_2(k_in)))
 
 
 def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -153,15 +139,18 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
     num_experts, two_i, _ = gate_up_proj.shape
     x = x.contiguous()
     sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
-    inter = two_i // 2
-    act = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)
-    block_n = min(64, triton.next_power_of_2(inter))
-    block_k = min(64, max(16, triton.next_power_of_2(x.shape[1])))
+    inter, hidden, pairs = two_i // 2, x.shape[1], n * k
+    ieee = x.dtype == torch.float32  # fp32 stays exact (no TF32)
+    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    block_n, block_k = _tiles(inter, hidden)
     _gate_up_swiglu_kernel[(block_expert.numel(), triton.cdiv(inter, block_n))](
-        x, gate_up_proj, act, sorted_ids, block_expert, n * k, inter, x.shape[1], x.stride(0),
+        x, gate_up_proj, act, sorted_ids, block_expert, pairs, inter, hidden, x.stride(0),
         gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), TOP_K=k,
-        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    out = torch.empty(n * k, down_proj.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), 1,
-                  block_m)
+        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    out = torch.empty(pairs, down_proj.shape[1], dtype=x.dtype, device=x.device)
+    block_n, block_k = _tiles(down_proj.shape[1], inter)
+    _down_proj_kernel[(block_expert.numel(), triton.cdiv(down_proj.shape[1], block_n))](
+        act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), pairs,
+        down_proj.shape[1], inter, act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
+        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out.view(n, k, -1).sum(dim=1)

@@ -24,50 +24,14 @@ except ImportError:  # pragma: no cover - triton is optional on CPU
 if triton is not None:
 
     @triton.jit
-    def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
-                             scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
-                             stride_bt, stride_on, stride_oh,
+    def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, m_ptr,
+                             l_ptr, acc_ptr, scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
+                             stride_bt, stride_on, stride_oh, blocks_per_split, num_splits, num_heads,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr):
-        seq = tl.program_id(0)
-        kvh = tl.program_id(1)
-        seq_len = tl.load(seq_lens_ptr + seq)
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        s = tl.arange(0, BLOCK_SIZE)
-        heads = kvh * GROUP + g
-        g_mask = g < GROUP
-        q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_mask[:, None], other=0.0).to(tl.float32) * scale
-        m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
-        l_i = tl.zeros((GROUP_PAD,), tl.float32)
-        acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-        num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-        for b in range(0, num_blocks):
-            block = tl.load(block_tables_ptr + seq * stride_bt + b).to(tl.int64)
-            base = block * stride_kb + kvh * stride_kh
-            k = tl.load(k_cache_ptr + base + s[:, None] * stride_ks + d[None, :]).to(tl.float32)
-            v = tl.load(v_cache_ptr + base + s[:, None] * stride_ks + d[None, :]).to(tl.float32)
-            qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BS]
-            valid = (b * BLOCK_SIZE + s) < seq_len
-            qk = tl.where(valid[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.exp(qk - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-            m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-
-
-    @triton.jit
-    def _paged_decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, m_ptr, l_ptr,
-                                   acc_ptr, scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
-                                   stride_bt, num_splits, num_heads,
-                                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                   BLOCK_SIZE: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr):
+        """One (sequence, KV head, partition): online softmax over the partition's blocks. Without
+        SPLIT the single partition is the whole sequence and the output is written directly; with
+        SPLIT the partial max, sum and unnormalised output go to m/l/acc for the merge kernel."""
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -82,14 +46,14 @@ if triton is not None:
         m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l_i = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-        first = split * BLOCKS_PER_SPLIT
-        last = tl.minimum(first + BLOCKS_PER_SPLIT, tl.cdiv(seq_len, BLOCK_SIZE))
+        first = split * blocks_per_split
+        last = tl.minimum(first + blocks_per_split, tl.cdiv(seq_len, BLOCK_SIZE))
         for b in range(first, last):
             block = tl.load(block_tables_ptr + seq * stride_bt + b).to(tl.int64)
             base = block * stride_kb + kvh * stride_kh
             k = tl.load(k_cache_ptr + base + s[:, None] * stride_ks + d[None, :]).to(tl.float32)
             v = tl.load(v_cache_ptr + base + s[:, None] * stride_ks + d[None, :]).to(tl.float32)
-            qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+            qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BS]
             qk = tl.where(((b * BLOCK_SIZE + s) < seq_len)[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             p = tl.exp(qk - m_new[:, None])
@@ -97,11 +61,16 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m_i = m_new
-        # partials laid out [seq, head, split] (acc: [..., HEAD_DIM]); an empty split keeps m=-inf, l=0
-        row = (seq * num_heads + heads) * num_splits + split
-        tl.store(m_ptr + row, m_i, mask=g_mask)
-        tl.store(l_ptr + row, l_i, mask=g_mask)
-        tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+        if SPLIT:
+            # partials laid out [seq, head, split] (acc: [..., HEAD_DIM]); an empty split keeps m=-inf, l=0
+            row = (seq * num_heads + heads) * num_splits + split
+            tl.store(m_ptr + row, m_i, mask=g_mask)
+            tl.store(l_ptr + row, l_i, mask=g_mask)
+            tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+        else:
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
     @triton.jit
     def _paged_decode_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, num_heads, stride_on, stride_oh,
@@ -136,26 +105,31 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         "head_dim and block_size must be powers of two"
     assert k_cache.stride(3) == 1 and q.stride(2) == 1
     out = torch.empty_like(q)
-    group_pad = max(triton.next_power_of_2(group), 1)
-    if max_seq_len is not None and max_seq_len > partition:
+    num_blocks_max = triton.cdiv(max_seq_len, block_size) if max_seq_len is not None else 0
+    split = max_seq_len is not None and max_seq_len > partition
+    if split:
         # at most `max_splits` partitions: a captured graph's bound (max_model_len) must not make short
         # contexts pay for hundreds of empty splits
         partition = max(partition, triton.next_power_of_2(triton.cdiv(max_seq_len, max_splits)))
         blocks_per_split = max(1, partition // block_size)
-        num_splits = triton.cdiv(triton.cdiv(max_seq_len, block_size), blocks_per_split)
+        num_splits = triton.cdiv(num_blocks_max, blocks_per_split)
         m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        _paged_decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-            q, k_cache, v_cache, block_tables, seq_lens, m, l, acc, scale,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_tables.stride(0), num_splits, num_heads,
-            GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            BLOCKS_PER_SPLIT=blocks_per_split)
+    else:
+        blocks_per_split, num_splits = block_tables.shape[1], 1  # one partition: the whole table
+        m = l = acc = out  # unused
+    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), blocks_per_split, num_splits, num_heads,
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, SPLIT=split)
+    if split:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
             m, l, acc, out, num_splits, num_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits))
-        return out
+    return out
     _paged_decode_kernel[(num_seqs, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

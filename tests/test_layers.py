@@ -78,3 +78,23 @@ def test_inv_freq_matches_transformers(rope):
 
 def test_rope_config_defaults():
     assert RopeConfig().rope_type == "default"
+
+
+def test_rotary_cos_sin_computed_once_per_step():
+    from qwen3coder.models.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(RopeConfig(theta=1e4), 32)
+    q, k = torch.randn(5, 4, 32), torch.randn(5, 2, 32)
+    pos = torch.arange(5)
+    rope.prepare(pos, q.dtype)
+    cached = rope._step
+    first = rope(pos, q, k)
+    assert rope._step is cached  # the layers of a step reuse the prepared cos/sin
+    assert all(torch.equal(a, b) for a, b in zip(first, RotaryEmbedding(RopeConfig(theta=1e4), 32)(pos, q, k)))
+    pos.add_(3)
+    rope.prepare(pos, q.dtype)  # next step (even the same tensor, changed in place): recomputed
+    fresh = RotaryEmbedding(RopeConfig(theta=1e4), 32)(torch.arange(3, 8), q, k)
+    assert all(torch.equal(a, b) for a, b in zip(rope(pos, q, k), fresh))
+    with torch.inference_mode():  # the engine's mode: no version counters involved
+        rope.prepare(torch.arange(4), q.dtype)
+        rope(torch.arange(4), q[:4], k[:4])

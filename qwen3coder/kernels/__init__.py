@@ -20,8 +20,11 @@ except ImportError:  # pragma: no cover - CPU installs without triton
     _TRITON = False
 
 
+_ENABLED = _TRITON and os.environ.get("QWEN3CODER_KERNELS", "triton") != "torch"  # read once: hot path
+
+
 def triton_enabled() -> bool:
-    return _TRITON and os.environ.get("QWEN3CODER_KERNELS", "triton") != "torch"
+    return _ENABLED
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -26,14 +26,17 @@ from qwen3coder.models.layers.norms import RMSNorm
 class DecoderModel(nn.Module):
     """`model.*` of the checkpoint: embeddings, decoder layers, final norm."""
 
-    def __init__(self, config: ModelConfig, layers: list[nn.Module], zero_centered_norm: bool) -> None:
+    def __init__(self, config: ModelConfig, layers: list[nn.Module], zero_centered_norm: bool,
+                 rotary: nn.Module) -> None:
         super().__init__()
+        self.rotary = rotary  # shared by the attention layers; no parameters
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=zero_centered_norm)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        self.rotary.prepare(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, ctx)

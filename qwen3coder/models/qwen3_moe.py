@@ -55,4 +55,4 @@ class Qwen3MoeForCausalLM(CausalLM):
         assert config.model_type in ("qwen3", "qwen3_moe"), config.model_type
         rotary = RotaryEmbedding(config.rope, config.head_dim)
         layers = [Qwen3MoeDecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers)]
-        super().__init__(config, DecoderModel(config, layers, zero_centered_norm=False))
+        super().__init__(config, DecoderModel(config, layers, zero_centered_norm=False, rotary=rotary))

@@ -59,4 +59,4 @@ class Qwen3NextForCausalLM(CausalLM):
         assert config.model_type == "qwen3_next", config.model_type
         rotary = RotaryEmbedding(config.rope, config.head_dim)
         layers = [Qwen3NextDecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers)]
-        super().__init__(config, DecoderModel(config, layers, zero_centered_norm=True))
+        super().__init__(config, DecoderModel(config, layers, zero_centered_norm=True, rotary=rotary))

@@ -73,6 +73,9 @@ class RotaryEmbedding(nn.Module):
         # not a parameter or persistent buffer: recomputed, never loaded; kept off the meta device
         self._inv_freq_cpu = inv_freq
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        # one rotary module serves every layer: `prepare` computes a step's cos/sin once (the decoder
+        # calls it at the start of every forward), the layers reuse them
+        self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         t = self._inv_freq.get(device)
@@ -87,9 +90,18 @@ class RotaryEmbedding(nn.Module):
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
 
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> None:
+        """Compute cos/sin for this step's positions; layers called with the same tensor reuse them."""
+        self._step = (positions, dtype, *self.cos_sin(positions, dtype))
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions, q.dtype)
+        step = self._step
+        if step is not None and step[0] is positions and step[1] == q.dtype:
+            cos, sin = step[2], step[3]
+        else:  # called outside a prepared step, or a different dtype (autocast)
+            cos, sin = self.cos_sin(positions, q.dtype)
+            self._step = (positions, q.dtype, cos, sin)
         cos, sin = cos[:, None, :], sin[:, None, :]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

@@ -61,6 +61,7 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32) -> dict[st
     while engine.has_unfinished_requests():
         engine.step()
     per_family: dict[str, float] = {}
+    per_kernel: list[tuple[float, int, str]] = []
     for evt in prof.key_averages():
         device_us = getattr(evt, "device_time_total", None) if cuda else None
         if cuda:
@@ -70,6 +71,7 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32) -> dict[st
         else:
             us = evt.self_cpu_time_total  # self time: nested ops are not counted twice
         per_family[family_of(evt.key)] = per_family.get(family_of(evt.key), 0.0) + us
+        per_kernel.append((us, evt.count, evt.key))
     total = sum(per_family.values()) or 1.0
     return {
         "batch": batch, "steps": steps, "wall_ms_per_step": round(wall * 1000 / steps, 3),
@@ -78,4 +80,8 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32) -> dict[st
                                                                                   key=lambda kv: -kv[1])},
         "families_share": {k: round(v / total, 3) for k, v in sorted(per_family.items(), key=lambda kv: -kv[1])},
         "clock": "device (CUDA kernels)" if cuda else "CPU (self time of ops)",
+        # the 25 costliest kernels (or ops): name, ms and calls per step
+        "top_kernels": [{"name": name[:120], "ms_per_step": round(us / 1000 / steps, 4),
+                         "calls_per_step": round(count / steps, 2)}
+                        for us, count, name in sorted(per_kernel, reverse=True)[:25]],
     }

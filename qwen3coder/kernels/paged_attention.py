@@ -130,10 +130,3 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             m, l, acc, out, num_splits, num_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits))
     return out
-    _paged_decode_kernel[(num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size)
-    return out

@@ -27,7 +27,6 @@ def _clean_error(r: subprocess.CompletedProcess, *needles: str) -> None:
 
 def test_serve_startup_errors(tmp_path):
     _clean_error(_run("serve", "--model", "/nonexistent/ckpt", "--port", "0"), "does not exist")
-    _clean_error(_run("serve", "--port", "0"), "bundled default model")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -45,6 +44,18 @@ def test_serve_startup_errors(tmp_path):
     _clean_error(r, str(bad))
     _clean_error(_run("serve", "--preset", "tiny", "--load-format", "dummy", "--chat-template", "/no/such.jinja",
                       "--port", "0"), "--chat-template")
+
+
+def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
+    """A clone without the bundled weights: `serve`/`chat` with no --model name the problem."""
+    import argparse
+
+    import qwen3coder
+    from qwen3coder.cli import CLIError, _check_model_path
+
+    monkeypatch.setattr(qwen3coder, "_ASSETS", str(tmp_path))
+    with pytest.raises(CLIError, match="bundled default model is not present"):
+        _check_model_path(argparse.Namespace(model=None, preset=None))
 
 
 def test_chat_against_a_server(tmp_path):

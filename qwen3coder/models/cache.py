@@ -34,13 +34,20 @@ def state_bytes_per_slot(config: ModelConfig, dtype: torch.dtype) -> int:
 
 def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int,
                       dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
-    """Create and bind the paged KV cache of every attention layer; returns the tensors."""
+    """Create and bind the paged KV cache of every attention layer; returns the tensors.
+
+    On the CPU the pool is left uninitialised: a large `torch.empty` is a fresh anonymous mapping whose
+    pages the OS supplies (zeroed) only when first written, so a 4 GiB pool costs neither the seconds
+    of a memset nor resident memory until it is used. Nothing reads a slot before writing it (the
+    reference attention reads each sequence's first `seq_len` slots only). CUDA pools are zeroed: the
+    decode kernels' padding rows read a scratch block."""
     tensors = []
+    alloc = torch.empty if torch.device(device).type == "cpu" else torch.zeros
     for module in model.modules():
         if getattr(module, "is_paged_attention", False):
             shape = (num_blocks, block_size, module.num_kv_heads, module.head_dim)
-            module.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            module.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            module.k_cache = alloc(shape, dtype=dtype, device=device)
+            module.v_cache = alloc(shape, dtype=dtype, device=device)
             tensors += [module.k_cache, module.v_cache]
     return tensors
 

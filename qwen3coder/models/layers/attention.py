@@ -113,8 +113,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     for s, (n_q, n_k) in enumerate(zip(ctx.query_lens_cpu, ctx.seq_lens_cpu)):
         n_blocks = (n_k + block_size - 1) // block_size
         blocks = ctx.block_tables[s, :n_blocks].long()
-        ks = k_cache[blocks].flatten(0, 1)[:n_k].to(q.dtype)  # [n_k, Hk, D]
-        vs = v_cache[blocks].flatten(0, 1)[:n_k].to(q.dtype)
+        ks = k_cache.index_select(0, blocks).flatten(0, 1)[:n_k].to(q.dtype)  # [n_k, Hk, D]
+        vs = v_cache.index_select(0, blocks).flatten(0, 1)[:n_k].to(q.dtype)
         qs = q[start:start + n_q]
         # query i sits at position n_k - n_q + i: causal aligned to the bottom-right corner. A bias
         # object (not a boolean mask) keeps SDPA on its memory-efficient kernels for long prompts.

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from qwen3coder.kernels.fused_moe import fused_moe, moe_align  # noqa: E402
-from qwen3coder.kernels.paged_attention import paged_attention_decode  # noqa: E402
+from qwen3coder.kernels.paged_attention import choose_num_splits, paged_attention_decode  # noqa: E402
 from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm  # noqa: E402
 from qwen3coder.models.context import ForwardContext  # noqa: E402
 from qwen3coder.models.layers.attention import paged_attention_reference  # noqa: E402
@@ -52,28 +52,110 @@ def test_fused_moe_matches_reference(dtype, n_tokens, experts, top_k, hidden, in
     assert (got - expected).abs().max().item() <= TOL[dtype] * max(1.0, scale)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(4, 2, 32, 16), (8, 1, 64, 8), (4, 4, 16, 4)])
-def test_paged_decode_matches_reference(dtype, split, heads, kv_heads, head_dim, block_size):
-    g = torch.Generator().manual_seed(1)
-    seq_lens = [1, 7, 33, block_size * 3] + ([130, 75] if split else [])
+def _paged_case(seq_lens, heads, kv_heads, head_dim, block_size, dtype, seed=1, width=None):
+    """Random caches with each sequence on non-contiguous blocks; tables -1 padded to `width` blocks."""
+    g = torch.Generator().manual_seed(seed)
     tables, nxt = [], 1
     for n in seq_lens:
         blocks = (n + block_size - 1) // block_size
         tables.append([nxt + 2 * i for i in range(blocks)])  # non-contiguous blocks
         nxt += 2 * blocks
+    if width is not None:
+        tables = [t + [-1] * (width - len(t)) for t in tables]
     num_blocks = nxt + 1
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(DEV, dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(DEV, dtype)
     q = torch.randn(len(seq_lens), heads, head_dim, generator=g).to(DEV, dtype)
     ctx = ForwardContext.build([1] * len(seq_lens), seq_lens, tables, block_size, device=DEV)
+    return q, k_cache, v_cache, ctx
+
+
+# lengths: 1, around the 64-token tile and the block sizes, and long enough for several tiles per split
+PAGED_LENS = [1, 17, 63, 64, 65, 200, 700]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 64])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size",
+                         [(4, 4, 64, 16), (8, 1, 128, 32), (8, 2, 64, 32), (6, 2, 32, 16)])
+def test_paged_decode_matches_reference(dtype, num_splits, heads, kv_heads, head_dim, block_size):
+    """GQA groups 1, 8, 4 and 3 (padded to 16 rows); one split, uneven splits, mostly empty splits."""
+    q, k_cache, v_cache, ctx = _paged_case(PAGED_LENS, heads, kv_heads, head_dim, block_size, dtype)
     scale = head_dim ** -0.5
     expected = paged_attention_reference(q, k_cache, v_cache, ctx, scale).float()
-    # split form: partitions of 32 tokens, and a bound above every length (empty trailing splits)
-    kwargs = dict(max_seq_len=max(seq_lens) + 40, partition=32) if split else {}
-    got = paged_attention_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale, **kwargs).float()
+    got = paged_attention_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale,
+                                 max_seq_len=max(PAGED_LENS) + 40, num_splits=num_splits).float()
     assert (got - expected).abs().max().item() <= TOL[dtype] * 4
+
+
+@pytest.mark.parametrize("seq_lens", [[1], [130], [1000], [3, 129, 64]])
+def test_paged_decode_large_bound(seq_lens):
+    """The captured-graph situation: a bound far above the real lengths (the split count comes from
+    it, the work from the real lengths) and block tables of the bound's width, -1 padded."""
+    bound, block_size = 32768, 16
+    q, k_cache, v_cache, ctx = _paged_case(seq_lens, 8, 1, 64, block_size, torch.float32, seed=3,
+                                           width=bound // block_size)
+    assert choose_num_splits(len(seq_lens), 1, bound, q.device) > 1
+    expected = paged_attention_reference(q, k_cache, v_cache, ctx, 0.125)
+    for kwargs in (dict(max_seq_len=bound), {}):  # no bound: the table's capacity
+        got = paged_attention_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, 0.125, **kwargs)
+        assert (got - expected).abs().max().item() <= TOL[torch.float32] * 4
+
+
+def test_paged_decode_num_splits_choice():
+    cpu = torch.device("cpu")  # stand-in of 8 SMs
+    assert choose_num_splits(1, 4, 32768, cpu) == 4  # ~2 programs per SM: 16 / 4 KV heads
+    assert choose_num_splits(1, 1, 32768, cpu) == 16
+    assert choose_num_splits(1, 1, 100, cpu) == 2  # no more splits than 64-token tiles of the bound
+    assert choose_num_splits(64, 4, 32768, cpu) == 1  # a large batch fills the GPU by itself
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_decode_cuda_graph_30b_shape():
+    """Qwen3-30B-A3B attention (32 query / 4 KV heads, dim 128, bf16, block 16): captured once with a
+    32768-token bound, replayed for several real lengths. Compared with the fp32 reference on the
+    same bf16 inputs: the kernel rounds p to bf16 before the PV dot and the output to bf16, each a
+    relative error <= 2^-9; outputs are softmax averages of N(0, 1) values (|out| <~ 4), so errors
+    stay below ~1e-2 and 2e-2 leaves margin while catching any masking or merge bug (O(0.1-1))."""
+    heads, kv_heads, dim, bs, bound = 32, 4, 128, 16, 32768
+    g = torch.Generator().manual_seed(4)
+    width = bound // bs
+    for batch in (1, 3):
+        num_blocks = batch * width + 1
+        k_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=g).to("cuda", torch.bfloat16)
+        v_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=g).to("cuda", torch.bfloat16)
+        perm = torch.randperm(num_blocks - 1, generator=g)[:batch * width] + 1
+        tables = perm.view(batch, width).to("cuda", torch.int32)
+        q = torch.zeros(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+        lens = torch.ones(batch, device="cuda", dtype=torch.int32)
+        scale = dim ** -0.5
+        assert choose_num_splits(batch, kv_heads, bound, q.device) > 1
+
+        def call():
+            return paged_attention_decode(q, k_cache, v_cache, tables, lens, scale, max_seq_len=bound)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                call()  # compile + warm up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        for n in (1, 64, 300, 4097, 20000, bound):
+            real = [n] if batch == 1 else [n, 77, bound - 5]
+            q.copy_(torch.randn(batch, heads, dim, generator=g).to("cuda", torch.bfloat16))
+            lens.copy_(torch.tensor(real, dtype=torch.int32))
+            graph.replay()
+            torch.cuda.synchronize()
+            ctx = ForwardContext.build([1] * batch, real, tables.tolist(), bs, device="cuda")
+            expected = paged_attention_reference(q.float(), k_cache, v_cache, ctx, scale)
+            err = (out.float() - expected).abs().max().item()
+            assert err <= 2e-2, (batch, real, err)
+            eager = paged_attention_decode(q, k_cache, v_cache, tables, lens, scale, max_seq_len=bound)
+            assert torch.equal(eager, out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

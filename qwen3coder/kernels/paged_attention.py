@@ -1,17 +1,34 @@
 """Triton decode attention over the paged KV cache (one new query token per sequence).
 
-One program per (sequence, KV head) handles that head's whole GQA group: it loads the group's
-queries once, walks the sequence's blocks through `block_tables` up to `seq_lens` (device tensors
-only: no host sync, so decode can be captured in a CUDA graph), and keeps an online softmax in fp32.
-Long contexts are split (flash-decoding): each of `cdiv(max_seq_len, partition)` programs per head
-covers one partition and writes its partial max, sum and output; a second kernel merges them. The
-number of splits comes from a host-side upper bound of the lengths, so a captured graph keeps its
-grid; partitions past a sequence's end exit at once.
-`paged_attention_reference` in `qwen3coder.models.layers.attention` is the plain-PyTorch reference
-that tests compare against.
+Design (flash-decoding with a split count fixed on the host, token ranges chosen on the device):
+
+* Grid `(sequences, KV heads, S)`. One program handles a KV head's whole GQA group: the group's
+  queries form the rows of a `[GROUP_PAD, head_dim]` tile, padded to at least 16 rows so that QK^T
+  and PV run as `tl.dot` on tensor cores (fp32 accumulation).
+* The split count `S` comes from the host: enough programs to fill the GPU (about two per SM),
+  capped by the number of `TILE`-token tiles under the host-side length bound `max_seq_len` and by
+  `MAX_SPLITS`. It depends only on (batch size, bound), so a CUDA graph captured with the
+  `max_model_len` bound keeps its grid; no host sync, lengths are read on the device only.
+* Each program derives its own token range from the REAL `seq_lens[seq]` loaded in the kernel:
+  the sequence's `cdiv(seq_len, TILE)` tiles are dealt out in equal runs of `cdiv(tiles, S)`, so a
+  short context is spread over all splits, and splits past the end just write an empty partial
+  (m = -inf, l = 0).
+* The inner loop walks 64-token tiles; a tile's key/value rows are gathered through the block table
+  (`block = token // block_size`, any power-of-two block size). Softmax is online, in base 2 with
+  `scale * log2(e)` folded into the scores; tokens at or past `seq_len` are masked (and their block
+  table entries never read). p is cast to the value dtype before the PV dot.
+* With `S == 1` the program normalises and writes the output directly; otherwise a merge kernel
+  (one program per (sequence, query head)) combines the partials, reading only the splits that can
+  be non-empty for that sequence's real length.
+
+fp32 caches use IEEE dots (tf32 would break fp32 parity with the CPU path); bf16/fp16 use tensor
+cores natively. `paged_attention_reference` in `qwen3coder.models.layers.attention` is the
+plain-PyTorch reference that tests compare against.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -21,48 +38,71 @@ try:
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
+TILE = 64  # tokens per inner-loop step (the N of QK^T, the K of PV)
+MAX_SPLITS = 64  # most partials per (sequence, KV head)
+MIN_ROWS = 16  # query rows of a dot: the GQA group is padded up to this
+_CPU_SMS = 8  # stand-in SM count off the GPU (Triton's interpreter)
+_LOG2E = 1.4426950408889634
+
 if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, m_ptr,
-                             l_ptr, acc_ptr, scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
-                             stride_bt, stride_on, stride_oh, blocks_per_split, num_splits, num_heads,
-                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr):
-        """One (sequence, KV head, partition): online softmax over the partition's blocks. Without
-        SPLIT the single partition is the whole sequence and the output is written directly; with
-        SPLIT the partial max, sum and unnormalised output go to m/l/acc for the merge kernel."""
+                             l_ptr, acc_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, stride_bt, stride_on, stride_oh, num_splits,
+                             num_heads, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr,
+                             IEEE: tl.constexpr):
+        """One (sequence, KV head, split): online softmax over the split's tiles of the real length.
+        Without SPLIT the output is written directly; with SPLIT the partial max (base 2), sum and
+        unnormalised output go to m/l/acc, laid out [seq, head, split(, HEAD_DIM)]."""
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + seq)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
-        s = tl.arange(0, BLOCK_SIZE)
+        n = tl.arange(0, TILE_N)
         heads = kvh * GROUP + g
         g_mask = g < GROUP
         q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_mask[:, None], other=0.0).to(tl.float32) * scale
+                    mask=g_mask[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)  # [G, D]; pad rows 0
         m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l_i = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-        first = split * blocks_per_split
-        last = tl.minimum(first + blocks_per_split, tl.cdiv(seq_len, BLOCK_SIZE))
-        for b in range(first, last):
-            block = tl.load(block_tables_ptr + seq * stride_bt + b).to(tl.int64)
-            base = block * stride_kb + kvh * stride_kh
-            k = tl.load(k_cache_ptr + base + s[:, None] * stride_ks + d[None, :]).to(tl.float32)
-            v = tl.load(v_cache_ptr + base + s[:, None] * stride_ks + d[None, :]).to(tl.float32)
-            qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BS]
-            qk = tl.where(((b * BLOCK_SIZE + s) < seq_len)[None, :], qk, float("-inf"))
+        num_tiles = tl.cdiv(seq_len, TILE_N)
+        per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+        first = split * per_split
+        last = tl.minimum(first + per_split, num_tiles)
+        bt_row = block_tables_ptr + seq * stride_bt
+        k_head = k_cache_ptr + kvh * stride_kh
+        v_head = v_cache_ptr + kvh * stride_vh
+        for t in range(first, last):
+            tok = t * TILE_N + n
+            valid = tok < seq_len
+            block = tl.load(bt_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            slot = tok % BLOCK_SIZE
+            k_off = block * stride_kb + slot * stride_ks
+            v_off = block * stride_vb + slot * stride_vs
+            kt = tl.load(k_head + k_off[None, :] + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
+            v = tl.load(v_head + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
+            if IEEE:
+                qk = tl.dot(q, kt, input_precision="ieee")
+            else:
+                qk = tl.dot(q, kt)
+            qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))  # [G, N], base-2 logits
+            # every tile in [first, last) holds a valid token, so m_new is finite
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.exp(qk - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         if SPLIT:
-            # partials laid out [seq, head, split] (acc: [..., HEAD_DIM]); an empty split keeps m=-inf, l=0
             row = (seq * num_heads + heads) * num_splits + split
             tl.store(m_ptr + row, m_i, mask=g_mask)
             tl.store(l_ptr + row, l_i, mask=g_mask)
@@ -73,60 +113,88 @@ if triton is not None:
                      out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
     @triton.jit
-    def _paged_decode_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, num_heads, stride_on, stride_oh,
-                                   HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    def _paged_decode_merge_kernel(m_ptr, l_ptr, acc_ptr, seq_lens_ptr, out_ptr, num_splits, num_heads,
+                                   stride_on, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                                   TILE_N: tl.constexpr):
+        """One (sequence, query head): combine the partials of the splits that the sequence's real
+        length reaches (the same tile arithmetic as the split kernel); the others are never read."""
         seq = tl.program_id(0)
         head = tl.program_id(1)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        num_tiles = tl.cdiv(seq_len, TILE_N)
+        per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+        used = tl.cdiv(num_tiles, per_split)
         sp = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, HEAD_DIM)
-        ok = sp < num_splits
+        ok = sp < used
         row = (seq * num_heads + head) * num_splits + sp
         m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
         l = tl.load(l_ptr + row, mask=ok, other=0.0)
         acc = tl.load(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
         m_max = tl.max(m, axis=0)
-        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+        w = tl.where(ok, tl.math.exp2(m - m_max), 0.0)
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
         tl.store(out_ptr + seq * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); a fixed stand-in elsewhere."""
+    if device.type != "cuda":
+        return _CPU_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, bound: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head): about two programs per SM, at most one per `TILE` tokens of
+    the host-side length `bound` and at most `MAX_SPLITS`. Host integers only (graph-safe)."""
+    fill = triton.next_power_of_2(triton.cdiv(2 * _num_sms(device), max(1, num_seqs * num_kv_heads)))
+    return max(1, min(MAX_SPLITS, triton.cdiv(max(1, bound), TILE), fill))
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           max_seq_len: int | None = None, partition: int = 512,
-                           max_splits: int = 16) -> torch.Tensor:
-    """q [S, Hq, D] (one token per sequence) -> [S, Hq, D]; caches [blocks, block_size, Hk, D].
+                           max_seq_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention: q [N, Hq, D] (one token per sequence) -> [N, Hq, D].
 
-    `max_seq_len` (a host-side upper bound of `seq_lens`) above `partition` selects the split form."""
+    Caches are `[blocks, block_size, Hk, D]`; `block_tables` [N, width] int32 (entries past a
+    sequence's blocks are never read); `seq_lens` [N] int32 on the device, each >= 1.
+    `max_seq_len` is a host-side upper bound of `seq_lens` (default: the table's capacity); with
+    `num_splits` unset it picks the split count (`choose_num_splits`), so the grid depends only on
+    (batch size, bound) and the call can be captured in a CUDA graph."""
     assert triton is not None, "triton is not installed"
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    assert head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0, \
-        "head_dim and block_size must be powers of two"
-    assert k_cache.stride(3) == 1 and q.stride(2) == 1
+    assert num_heads == group * num_kv_heads and v_cache.shape == k_cache.shape
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0, \
+        "head_dim (>= 16) and block_size must be powers of two"
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and q.stride(2) == 1
     out = torch.empty_like(q)
-    num_blocks_max = triton.cdiv(max_seq_len, block_size) if max_seq_len is not None else 0
-    split = max_seq_len is not None and max_seq_len > partition
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device)
+    num_splits = max(1, int(num_splits))
+    split = num_splits > 1
     if split:
-        # at most `max_splits` partitions: a captured graph's bound (max_model_len) must not make short
-        # contexts pay for hundreds of empty splits
-        partition = max(partition, triton.next_power_of_2(triton.cdiv(max_seq_len, max_splits)))
-        blocks_per_split = max(1, partition // block_size)
-        num_splits = triton.cdiv(num_blocks_max, blocks_per_split)
         m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     else:
-        blocks_per_split, num_splits = block_tables.shape[1], 1  # one partition: the whole table
         m = l = acc = out  # unused
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale,
+        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1), blocks_per_split, num_splits, num_heads,
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, SPLIT=split)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), num_splits, num_heads,
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, IEEE=k_cache.dtype == torch.float32,
+        num_warps=4)
     if split:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
-            m, l, acc, out, num_splits, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits))
+            m, l, acc, seq_lens, out, num_splits, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), TILE_N=TILE,
+            num_warps=4)  # one merge variant for every chosen S (no compiles as eager lengths grow)
     return out

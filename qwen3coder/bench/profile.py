@@ -2,8 +2,8 @@
 
 `profile_decode(llm, batch, vocab, steps)` runs `batch` 128-token prompts to the decode phase, records
 `steps` further engine steps with the profiler, and sums device time (CUDA kernels on a GPU, CPU ops
-otherwise) per family: attention, fused MoE, MoE routing, dense GEMMs, norms, sampling, memory copies,
-other. It also reports the wall time per step, so the gap between kernel time and wall time (host
+otherwise) per family: attention (with the fused QK-norm/RoPE/KV-store prologue), fused MoE, MoE
+routing, dense GEMMs, norms, sampling, memory copies, other. It also reports the wall time per step, so the gap between kernel time and wall time (host
 overhead, synchronisation) is visible.
 """
 
@@ -19,7 +19,7 @@ from qwen3coder.engine import LLM, SamplingParams
 
 # first match wins; names of Triton kernels, cuBLAS/CUTLASS GEMMs and aten ops
 FAMILIES: list[tuple[str, re.Pattern[str]]] = [
-    ("attention", re.compile(r"paged_decode|flash|fmha|attention|sdpa|efficient_attention", re.I)),
+    ("attention", re.compile(r"paged_decode|qk_norm_rope|flash|fmha|attention|sdpa|efficient_attention", re.I)),
     ("fused_moe", re.compile(r"grouped_gemm|fused_moe", re.I)),
     ("moe_routing", re.compile(r"topk|sort|scatter|searchsorted|bincount|cumsum|softmax|radix", re.I)),
     ("norm", re.compile(r"rmsnorm|rsqrt|norm", re.I)),

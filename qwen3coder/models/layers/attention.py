@@ -4,7 +4,9 @@
 optional sigmoid output gate (Qwen3-Next's gated attention, where `q_proj` emits query and gate per
 head) and the output projection. `PagedAttention` is the core: it writes the new keys and values at
 `ctx.slot_mapping` and attends over each sequence's blocks. This module holds the plain-PyTorch
-reference path; the Triton kernels in `qwen3coder.kernels` are checked against it.
+reference path; the Triton kernels in `qwen3coder.kernels` are checked against it. On the Triton
+path a cached step fuses the prologue (QK-norm, RoPE, KV store: `qwen3coder.kernels.qk_norm_rope`)
+and then attends with `PagedAttention.attend_cached`.
 """
 
 from __future__ import annotations
@@ -50,14 +52,19 @@ class PagedAttention(nn.Module):
         if not ctx.uses_cache:
             return self._forward_no_cache(q, k, v, ctx)
         assert self.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
+        # decode on the Triton path: device tensors only (CUDA-graph safe), decode never has -1 slots
+        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, all_valid=ctx.is_decode and use_triton(q))
+        return self.attend_cached(q, ctx)
+
+    def attend_cached(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """q [N, Hq, D] -> [N, Hq, D] over the cache, into which this step's keys and values are
+        already written (by `forward`, or by the fused prologue of `Qwen3Attention`)."""
+        assert self.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
         if ctx.is_decode and use_triton(q):
-            # device tensors only (CUDA-graph safe): decode never has -1 slots
             from qwen3coder.kernels.paged_attention import paged_attention_decode
 
-            store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, all_valid=True)
             return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.seq_lens,
                                           self.scale, max_seq_len=max(ctx.seq_lens_cpu))
-        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         return paged_attention_reference(q, self.k_cache, self.v_cache, ctx, self.scale)
 
     def _forward_no_cache(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
@@ -145,6 +152,9 @@ class Qwen3Attention(nn.Module):
         self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
 
     packed_shards = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+    # cached steps on the Triton path run QK-norm, RoPE and the KV store as one kernel
+    # (qwen3coder.kernels.qk_norm_rope); False keeps the unfused path (tests compare the two)
+    fused_prologue = True
 
     def shard_slices(self) -> list[slice]:
         q, kv = self.q_size, self.kv_size
@@ -158,11 +168,31 @@ class Qwen3Attention(nn.Module):
         if self.output_gate:
             q, gate = q.view(n, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
             gate = gate.reshape(n, -1)
-        q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, ctx).reshape(n, -1)
+        if self.fused_prologue and ctx.uses_cache and use_triton(qkv) \
+                and self.q_norm.weight.dtype == qkv.dtype:
+            out = self._forward_fused(positions, q, k, v, ctx).reshape(n, -1)
+        else:
+            q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))
+            v = v.reshape(n, self.num_kv_heads, self.head_dim)
+            q, k = self.rotary(positions, q, k)
+            out = self.attn(q, k, v, ctx).reshape(n, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)
+
+    def _forward_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       ctx: ForwardContext) -> torch.Tensor:
+        """q (views of the qkv projection: [N, Hq*D] or, gated, [N, Hq, D]), k, v [N, Hk*D] ->
+        attention output [N, Hq, D]; one kernel norms and rotates q and k and stores k and v."""
+        from qwen3coder.kernels.qk_norm_rope import fused_qk_norm_rope_store
+
+        assert self.attn.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
+        n = q.shape[0]
+        cos, sin = self.rotary.step_cos_sin(positions, q.dtype)
+        q = fused_qk_norm_rope_store(
+            q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
+            v.view(n, self.num_kv_heads, self.head_dim), self.q_norm.weight, self.k_norm.weight,
+            self.q_norm.eps, cos, sin, self.attn.k_cache, self.attn.v_cache, ctx.slot_mapping,
+            zero_centered=self.q_norm.zero_centered)
+        return self.attn.attend_cached(q, ctx)

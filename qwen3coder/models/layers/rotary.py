@@ -94,14 +94,20 @@ class RotaryEmbedding(nn.Module):
         """Compute cos/sin for this step's positions; layers called with the same tensor reuse them."""
         self._step = (positions, dtype, *self.cos_sin(positions, dtype))
 
+    def step_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[N, rotary_dim]` for `positions`: the prepared step's rows when `positions` is the
+        tensor `prepare` saw (and `dtype` matches), else computed now and kept for the next layer."""
+        step = self._step
+        if step is not None and step[0] is positions and step[1] == dtype:
+            return step[2], step[3]
+        # called outside a prepared step, or a different dtype (autocast)
+        cos, sin = self.cos_sin(positions, dtype)
+        self._step = (positions, dtype, cos, sin)
+        return cos, sin
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self._step
-        if step is not None and step[0] is positions and step[1] == q.dtype:
-            cos, sin = step[2], step[3]
-        else:  # called outside a prepared step, or a different dtype (autocast)
-            cos, sin = self.cos_sin(positions, q.dtype)
-            self._step = (positions, q.dtype, cos, sin)
+        cos, sin = self.step_cos_sin(positions, q.dtype)
         cos, sin = cos[:, None, :], sin[:, None, :]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

@@ -31,6 +31,9 @@ def test_kernel_families():
     assert family_of("_paged_decode_kernel") == "attention"
     assert family_of("_qk_norm_rope_store_kernel") == "attention"  # the fused prologue, not a norm
     assert family_of("_grouped_gemm_kernel") == "fused_moe"
+    assert family_of("_gate_up_swiglu_kernel") == "fused_moe"
+    assert family_of("_down_proj_kernel") == "fused_moe"
+    assert family_of("_fused_route_align_kernel") == "moe_routing"
     assert family_of("nvjet_tst_128x64_64x4_1x1_v_bz_coopA_NTN") == "gemm"
     assert family_of("void at::native::sbtopk::gatherTopK<float>") == "moe_routing"
     assert family_of("_add_rmsnorm_kernel") == "norm"

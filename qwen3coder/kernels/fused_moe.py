@@ -7,6 +7,8 @@ run over those blocks — gate and up tiles of `x @ W13[e]^T` with SwiGLU in the
 once per BLOCK_M tokens routed to it, whatever the batch. The same path serves decode (one token:
 the top-k experts' weights read once) and prefill (tokens grouped per expert).
 `moe_forward_reference` in `qwen3coder.models.layers.moe` is the plain-PyTorch reference.
+For small batches (decode) `qwen3coder.kernels.moe_routing.fused_route_align` produces the routing and
+the same alignment in one launch; `fused_moe` then takes its `sorted_ids` / `block_expert`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,17 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
+
+
+def moe_block_m(num_pairs: int) -> int:
+    """BLOCK_M (token rows per grouped-GEMM tile) for `num_pairs` (token, expert) pairs."""
+    return 16 if num_pairs <= 4096 else 64
+
+
+def moe_align_length(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Static length P of `sorted_ids`: every pair plus the padding of at most min(E, pairs) runs."""
+    total = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    return (total + block_m - 1) // block_m * block_m
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
@@ -39,9 +52,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     order = torch.argsort(flat, stable=True)
     experts_sorted = flat[order]
     rank = torch.arange(num_pairs, device=dev) - (counts.cumsum(0) - counts)[experts_sorted]
-    # only experts that received tokens are padded: at most min(E, pairs) of them
-    total = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-    total = (total + block_m - 1) // block_m * block_m
+    total = moe_align_length(num_pairs, num_experts, block_m)
     sorted_ids = torch.full((total,), num_pairs, dtype=torch.long, device=dev)
     sorted_ids[pad_start[experts_sorted] + rank] = order
     block_starts = torch.arange(0, total, block_m, device=dev)
@@ -132,13 +143,20 @@ def _tiles(n_out: int, k_in: int) -> tuple[int, int]:
 
 
 def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor, block_m: int = 16) -> torch.Tensor:
-    """Σ_k w_k · SwiGLU_{id_k}(x) for x [N, H]; weights as in `Experts` ([E, 2I, H], [E, H, I])."""
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, block_m: int = 16,
+              sorted_ids: torch.Tensor | None = None, block_expert: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_k w_k · SwiGLU_{id_k}(x) for x [N, H]; weights as in `Experts` ([E, 2I, H], [E, H, I]).
+
+    `sorted_ids` / `block_expert` (int32 or int64), when given, are `moe_align(topk_ids, E, block_m)`
+    computed beforehand (e.g. by `fused_route_align`); otherwise they are computed here.
+    """
     assert triton is not None, "triton is not installed"
     n, k = topk_ids.shape
     num_experts, two_i, _ = gate_up_proj.shape
     x = x.contiguous()
-    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+    if sorted_ids is None or block_expert is None:
+        sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+    assert sorted_ids.numel() == block_expert.numel() * block_m, "alignment made with another block_m"
     inter, hidden, pairs = two_i // 2, x.shape[1], n * k
     ieee = x.dtype == torch.float32  # fp32 stays exact (no TF32)
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
@@ -153,4 +171,6 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
         act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), pairs,
         down_proj.shape[1], inter, act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
         IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    # the sum over the top-k is one reduction kernel; folding it into the down projection with float
+    # atomics would need a zeroed fp32 buffer and a cast back: no fewer launches, and non-deterministic
     return out.view(n, k, -1).sum(dim=1)

@@ -125,8 +125,9 @@ def _top_k(model: nn.Module) -> int:
 
 
 def _experts_forward(module: Experts, fn: MoeFn, x: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor) -> torch.Tensor:
-    return fn(x, module.gate_up_proj, module.down_proj, topk_weights, topk_ids)
+                     topk_ids: torch.Tensor, align: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """`Experts.forward` through `fn`; a precomputed alignment (fused routing, int32 ids) is not used."""
+    return fn(x, module.gate_up_proj, module.down_proj, topk_weights, topk_ids.long())
 
 
 def router_logits(model: nn.Module) -> list[torch.Tensor]:

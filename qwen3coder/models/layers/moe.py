@@ -7,7 +7,9 @@ fused kernels want: `experts.gate_up_proj [E, 2*I, H]` (gate rows first) and
 into it at load time. Qwen3-Next adds an always-on shared expert scaled by `sigmoid(shared_expert_gate(x))`.
 
 `moe_forward_reference` is the plain-PyTorch path (one matmul pair per expert that received tokens);
-`qwen3coder.kernels` holds the fused Triton versions checked against it.
+`qwen3coder.kernels` holds the fused Triton versions checked against it. On the Triton path, small
+batches (decode) route and align in one kernel (`kernels.moe_routing.fused_route_align`) whose
+expert-grouped layout goes straight to `fused_moe`; larger batches and training use `route`.
 """
 
 from __future__ import annotations
@@ -61,12 +63,16 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                align: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`align`: (sorted_ids, block_expert) of `moe_align(topk_ids, E, moe_block_m(pairs))` when the
+        caller already has them (fused routing); only the Triton path uses them."""
         if use_triton(x):
-            from qwen3coder.kernels.fused_moe import fused_moe
+            from qwen3coder.kernels.fused_moe import fused_moe, moe_block_m
 
-            block_m = 16 if topk_ids.numel() <= 4096 else 64
-            return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, block_m)
+            sorted_ids, block_expert = align if align is not None else (None, None)
+            return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
+                             moe_block_m(topk_ids.numel()), sorted_ids, block_expert)
         return moe_forward_reference(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
 
 
@@ -88,8 +94,22 @@ class SparseMoeBlock(nn.Module):
         router_logits = self.gate(x)
         if self.keep_router_logits:
             self.router_logits = router_logits
-        topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob, x.dtype)
-        out = self.experts(x, topk_weights, topk_ids)
+        out = self._fused_routing_experts(x, router_logits) if use_triton(x) else None
+        if out is None:
+            topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob, x.dtype)
+            out = self.experts(x, topk_weights, topk_ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor | None:
+        """The experts' output with routing + alignment in one kernel, or None where the batch is too
+        large for it (one program; decode-sized batches only)."""
+        from qwen3coder.kernels.fused_moe import moe_block_m
+        from qwen3coder.kernels.moe_routing import fused_route_align, fused_routing_fits
+
+        n, num_experts = router_logits.shape
+        if not fused_routing_fits(n, num_experts, self.top_k):
+            return None
+        r = fused_route_align(router_logits, self.top_k, self.norm_topk_prob, moe_block_m(n * self.top_k), x.dtype)
+        return self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert))

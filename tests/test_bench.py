@@ -25,6 +25,8 @@ def test_bench_quick_cpu_with_profile(tmp_path):
         assert m[key] > 0, key
     prof = record["profile"]["decode_bs1"]
     assert prof["steps"] > 0 and abs(sum(prof["families_share"].values()) - 1.0) < 0.01
+    pre = record["profile"]["prefill_2x128"]
+    assert pre["steps"] >= 1 and pre["prefill_tok_s"] > 0 and pre["families_ms_per_step"]
 
 
 def test_kernel_families():

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from qwen3coder.kernels.fused_moe import fused_moe, moe_align  # noqa: E402
+from qwen3coder.kernels.fused_moe import GemmTiles, MoETiles, fused_moe, moe_align, moe_tiles  # noqa: E402
 from qwen3coder.kernels.paged_attention import choose_num_splits, paged_attention_decode  # noqa: E402
 from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm  # noqa: E402
 from qwen3coder.models.context import ForwardContext  # noqa: E402
@@ -50,6 +50,28 @@ def test_fused_moe_matches_reference(dtype, n_tokens, experts, top_k, hidden, in
     got = fused_moe(x, w13, w2, weights, ids).float()
     scale = expected.abs().max().item()
     assert (got - expected).abs().max().item() <= TOL[dtype] * max(1.0, scale)
+
+
+def _tile_choices() -> list[MoETiles]:
+    """Every configuration `moe_tiles` can return, plus small and large tiles."""
+    table = {moe_tiles(p) for p in (1, 8, 64, 128, 512, 4096, 8192, 65536)}
+    return sorted(table | {MoETiles(GemmTiles(16, 128, 4, 3), GemmTiles(32, 256, 4, 5)),
+                           MoETiles(GemmTiles(128, 32, 8, 4), GemmTiles(128, 64, 8, 3))}, key=repr)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiles", _tile_choices(), ids=repr)
+def test_fused_moe_tiles_match_reference(dtype, tiles):
+    """Any launch configuration computes the same function (K not a multiple of BLOCK_K included)."""
+    g = torch.Generator().manual_seed(1)
+    n_tokens, experts, top_k, hidden, inter = 5, 8, 2, 320, 96
+    x = torch.randn(n_tokens, hidden, generator=g).to(DEV, dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) * 0.1).to(DEV, dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) * 0.1).to(DEV, dtype)
+    weights, ids = route(torch.randn(n_tokens, experts, generator=g).to(DEV, dtype), top_k, True, dtype)
+    expected = moe_forward_reference(x, w13, w2, weights, ids).float()
+    got = fused_moe(x, w13, w2, weights, ids, tiles=tiles).float()
+    assert (got - expected).abs().max().item() <= TOL[dtype] * max(1.0, expected.abs().max().item())
 
 
 def _paged_case(seq_lens, heads, kv_heads, head_dim, block_size, dtype, seed=1, width=None):

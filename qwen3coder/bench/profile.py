@@ -1,8 +1,9 @@
-"""Where decode time goes: torch.profiler over decode steps, grouped by kernel family.
+"""Where decode and prefill time goes: torch.profiler over engine steps, grouped by kernel family.
 
 `profile_decode(llm, batch, vocab, steps)` runs `batch` 128-token prompts to the decode phase, records
-`steps` further engine steps with the profiler, and sums device time (CUDA kernels on a GPU, CPU ops
-otherwise) per family: attention (with the fused QK-norm/RoPE/KV-store prologue), fused MoE, MoE
+`steps` further engine steps with the profiler; `profile_prefill(llm, num_prompts, prompt_len, vocab)`
+records the steps that prefill `num_prompts` prompts (up to their first token). Both sum device time
+(CUDA kernels on a GPU, CPU ops otherwise) per family: attention (with the fused QK-norm/RoPE/KV-store prologue), fused MoE, MoE
 routing, dense GEMMs, norms, sampling, memory copies, other. It also reports the wall time per step, so the gap between kernel time and wall time (host
 overhead, synchronisation) is visible.
 """
@@ -38,10 +39,7 @@ def family_of(name: str) -> str:
 
 
 def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32) -> dict[str, Any]:
-    from torch.profiler import ProfilerActivity, profile
-
     engine = llm.llm_engine
-    cuda = torch.cuda.is_available() and next(iter(engine.runner.model.parameters())).is_cuda
     params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
@@ -49,33 +47,71 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32) -> dict[st
                            {"prompt_token_ids": torch.randint(0, vocab, (128,), generator=g).tolist()}, params)
     for _ in range(8):  # prefill and a few decode steps outside the recording
         engine.step()
+    result = _record(llm, lambda: [engine.step() for _ in range(steps)], steps)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"batch": batch, **result}
+
+
+def profile_prefill(llm: LLM, num_prompts: int, prompt_len: int, vocab: int) -> dict[str, Any]:
+    """Per-step figures of the engine steps that prefill `num_prompts` random prompts of `prompt_len`
+    tokens (one output token each, so no decode step is recorded)."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    g = torch.Generator().manual_seed(prompt_len)
+
+    def add(tag: str) -> None:
+        for i in range(num_prompts):
+            engine.add_request(f"profile-prefill-{tag}-{i}", {"prompt_token_ids": torch.randint(
+                0, vocab, (prompt_len,), generator=g).tolist()}, params)
+
+    add("warm")  # the same shapes once outside the recording (Triton compiles for new sizes)
+    while engine.has_unfinished_requests():
+        engine.step()
+    add("rec")
+    steps = [0]
+
+    def run() -> None:
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps[0] += 1
+
+    result = _record(llm, run, None, steps)
+    return {"num_prompts": num_prompts, "prompt_len": prompt_len,
+            "prefill_tok_s": round(num_prompts * prompt_len / (result["wall_ms_per_step"] * result["steps"] / 1000)),
+            **result}
+
+
+def _record(llm: LLM, body: Any, steps: int | None, counter: list[int] | None = None) -> dict[str, Any]:
+    """Run `body()` under the profiler; figures per engine step (`steps`, or `counter[0]` after the run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and next(iter(llm.llm_engine.runner.model.parameters())).is_cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            engine.step()
+        body()
         if cuda:
             torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    while engine.has_unfinished_requests():
-        engine.step()
+    steps = steps if steps is not None else max(1, counter[0])
     per_family: dict[str, float] = {}
     per_kernel: list[tuple[float, int, str]] = []
     for evt in prof.key_averages():
-        device_us = getattr(evt, "device_time_total", None) if cuda else None
         if cuda:
-            if not device_us:
+            # kernels and copies only: an aten op's device time is its kernels' time, counted there
+            if evt.device_type != torch.autograd.DeviceType.CUDA or not evt.device_time_total:
                 continue
-            us = device_us
+            us = evt.device_time_total
         else:
             us = evt.self_cpu_time_total  # self time: nested ops are not counted twice
         per_family[family_of(evt.key)] = per_family.get(family_of(evt.key), 0.0) + us
         per_kernel.append((us, evt.count, evt.key))
     total = sum(per_family.values()) or 1.0
     return {
-        "batch": batch, "steps": steps, "wall_ms_per_step": round(wall * 1000 / steps, 3),
+        "steps": steps, "wall_ms_per_step": round(wall * 1000 / steps, 3),
         "kernel_ms_per_step": round(total / 1000 / steps, 3),
         "families_ms_per_step": {k: round(v / 1000 / steps, 3) for k, v in sorted(per_family.items(),
                                                                                   key=lambda kv: -kv[1])},

@@ -13,6 +13,8 @@ the same alignment in one launch; `fused_moe` then takes its `sorted_ids` / `blo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 try:
@@ -20,6 +22,26 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """Launch configuration of one grouped-GEMM kernel (BLOCK_M is the alignment's `block_m`)."""
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoETiles:
+    gate_up: GemmTiles = GemmTiles()
+    down: GemmTiles = GemmTiles()
+
+
+def moe_tiles(num_pairs: int) -> MoETiles:
+    """Tiles for `num_pairs` (token, expert) pairs; see `benchmarks/bench_moe_tiles.py` for the sweep."""
+    return MoETiles()
 
 
 def moe_block_m(num_pairs: int) -> int:
@@ -137,18 +159,22 @@ if triton is not None:
                  act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _tiles(n_out: int, k_in: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) for a grouped GEMM with `n_out` output columns over `k_in`."""
-    return min(64, triton.next_power_of_2(n_out)), min(64, max(16, triton.next_power_of_2(k_in)))
+def _fit(t: GemmTiles, n_out: int, k_in: int) -> GemmTiles:
+    """Clamp a configuration to a small problem (tiny test shapes): tiles no larger than needed."""
+    bn = min(t.block_n, max(16, triton.next_power_of_2(n_out)))
+    bk = min(t.block_k, max(16, triton.next_power_of_2(k_in)))
+    return GemmTiles(bn, bk, t.num_warps, t.num_stages)
 
 
 def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, block_m: int = 16,
-              sorted_ids: torch.Tensor | None = None, block_expert: torch.Tensor | None = None) -> torch.Tensor:
+              sorted_ids: torch.Tensor | None = None, block_expert: torch.Tensor | None = None,
+              tiles: MoETiles | None = None) -> torch.Tensor:
     """Σ_k w_k · SwiGLU_{id_k}(x) for x [N, H]; weights as in `Experts` ([E, 2I, H], [E, H, I]).
 
     `sorted_ids` / `block_expert` (int32 or int64), when given, are `moe_align(topk_ids, E, block_m)`
-    computed beforehand (e.g. by `fused_route_align`); otherwise they are computed here.
+    computed beforehand (e.g. by `fused_route_align`); otherwise they are computed here. `tiles`: the
+    kernels' launch configuration (default `moe_tiles(pairs)`).
     """
     assert triton is not None, "triton is not installed"
     n, k = topk_ids.shape
@@ -160,17 +186,20 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
     inter, hidden, pairs = two_i // 2, x.shape[1], n * k
     ieee = x.dtype == torch.float32  # fp32 stays exact (no TF32)
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    block_n, block_k = _tiles(inter, hidden)
-    _gate_up_swiglu_kernel[(block_expert.numel(), triton.cdiv(inter, block_n))](
+    tiles = tiles or moe_tiles(pairs)
+    t = _fit(tiles.gate_up, inter, hidden)
+    _gate_up_swiglu_kernel[(block_expert.numel(), triton.cdiv(inter, t.block_n))](
         x, gate_up_proj, act, sorted_ids, block_expert, pairs, inter, hidden, x.stride(0),
         gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), TOP_K=k,
-        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
+        num_stages=t.num_stages)
     out = torch.empty(pairs, down_proj.shape[1], dtype=x.dtype, device=x.device)
-    block_n, block_k = _tiles(down_proj.shape[1], inter)
-    _down_proj_kernel[(block_expert.numel(), triton.cdiv(down_proj.shape[1], block_n))](
+    t = _fit(tiles.down, down_proj.shape[1], inter)
+    _down_proj_kernel[(block_expert.numel(), triton.cdiv(down_proj.shape[1], t.block_n))](
         act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), pairs,
         down_proj.shape[1], inter, act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
-        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
+        num_stages=t.num_stages)
     # the sum over the top-k is one reduction kernel; folding it into the down projection with float
     # atomics would need a zeroed fp32 buffer and a cast back: no fewer launches, and non-deterministic
     return out.view(n, k, -1).sum(dim=1)

@@ -1,0 +1,151 @@
+"""Tile sweep of the fused-MoE grouped GEMMs at the Qwen3-30B-A3B MoE shape (CUDA).
+
+For each batch (tokens) it routes random router logits (top-8 of 128), aligns the pairs with
+`moe_align`, and times `_gate_up_swiglu_kernel` and `_down_proj_kernel` separately for each launch
+configuration (BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M candidates for prefill-size batches):
+`--layers` distinct weight sets (so the L2 cache does not hold the weights) are called in turn
+inside one CUDA graph, replayed; µs per call and the achieved bandwidth over the touched experts'
+weights are reported against the default configuration (`qwen3coder.kernels.fused_moe.moe_tiles`).
+
+    python benchmarks/bench_moe_tiles.py [--batches 1,16,8192,64,4] [--layers 8] [--time-budget 240]
+
+Writes benchmarks/results/moe_tiles_30b-a3b-*.json (or --out-dir): per batch, the default and the best
+configuration of each kernel. The table in `moe_tiles` is taken from this sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from typing import Callable
+
+import torch
+import triton
+
+from qwen3coder.bench.results import write_result
+from qwen3coder.kernels import fused_moe as fm
+from qwen3coder.models.layers.moe import route
+
+HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
+
+
+def graph_us(fns: list[Callable[[], object]], iters: int = 20) -> float:
+    """µs per call: the calls captured once in one CUDA graph, replayed `iters` times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (iters * len(fns))
+
+
+def configs(prefill: bool) -> list[tuple[int, int, int, int]]:
+    """(block_n, block_k, num_warps, num_stages) candidates."""
+    if prefill:
+        return list(itertools.product((64, 128), (32, 64), (4, 8), (3, 4)))
+    out = list(itertools.product((16, 32, 64, 128), (64, 128, 256), (4,), (3, 5)))
+    out += list(itertools.product((64, 128), (128, 256), (8,), (3, 5)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,16,8192,64,4")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--time-budget", type=float, default=240.0, help="seconds; the sweep stops after it")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+    t_start = time.time()
+    torch.manual_seed(0)
+    dev = "cuda"
+    w13 = [torch.randn(EXPERTS, 2 * INTER, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.02
+           for _ in range(args.layers)]
+    w2 = [torch.randn(EXPERTS, HIDDEN, INTER, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(args.layers)]
+    expert_bytes = 3 * HIDDEN * INTER * 2
+    results: dict[str, object] = {}
+    out_of_time = False
+    for n in [int(b) for b in args.batches.split(",")]:
+        x = torch.randn(n, HIDDEN, device=dev, dtype=torch.bfloat16)
+        weights, ids = route(torch.randn(n, EXPERTS, device=dev), TOP_K, True, torch.bfloat16)
+        pairs = n * TOP_K
+        touched = int(torch.unique(ids).numel())
+        prefill = pairs > 4096
+        rows: dict[str, object] = {"pairs": pairs, "experts_touched": touched}
+        default = fm.moe_tiles(pairs)
+        default_bm = fm.moe_block_m(pairs)
+        for kernel in ("gate_up", "down"):
+            share = 2 / 3 if kernel == "gate_up" else 1 / 3
+            bytes_per_call = touched * expert_bytes * share
+            found: list[dict[str, object]] = []
+            cands = [(default_bm, *_as_tuple(getattr(default, kernel)))]
+            for bm in ((32, 64, 128) if prefill else (16,)):
+                cands += [(bm, *c) for c in configs(prefill)]
+            seen = set()
+            for bm, bn, bk, nw, ns in cands:
+                if (bm, bn, bk, nw, ns) in seen:
+                    continue
+                seen.add((bm, bn, bk, nw, ns))
+                if time.time() - t_start > args.time_budget:
+                    out_of_time = True
+                    break
+                sorted_ids, block_expert = fm.moe_align(ids, EXPERTS, bm)
+                act = torch.randn(pairs, INTER, device=dev, dtype=torch.bfloat16)
+                out = torch.empty(pairs, HIDDEN, device=dev, dtype=torch.bfloat16)
+                wflat = weights.flatten().contiguous()
+                if kernel == "gate_up":
+                    def call(li: int, bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, si=sorted_ids, be=block_expert, act=act):
+                        fm._gate_up_swiglu_kernel[(be.numel(), triton.cdiv(INTER, bn))](
+                            x, w13[li], act, si, be, pairs, INTER, HIDDEN, x.stride(0), w13[li].stride(0),
+                            w13[li].stride(1), act.stride(0), TOP_K=TOP_K, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
+                            BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                else:
+                    def call(li: int, bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, si=sorted_ids, be=block_expert, act=act,
+                             out=out, wflat=wflat):
+                        fm._down_proj_kernel[(be.numel(), triton.cdiv(HIDDEN, bn))](
+                            act, w2[li], out, si, be, wflat, pairs, HIDDEN, INTER, act.stride(0), w2[li].stride(0),
+                            w2[li].stride(1), out.stride(0), IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                            num_warps=nw, num_stages=ns)
+                try:
+                    us = graph_us([lambda li=li: call(li) for li in range(args.layers)])
+                except Exception as e:  # e.g. out of shared memory for this tile: skip the config
+                    print(f"[moe-tiles] n={n} {kernel} bm={bm} bn={bn} bk={bk} w={nw} s={ns}: "
+                          f"{type(e).__name__}", flush=True)
+                    torch.cuda.synchronize()
+                    continue
+                found.append({"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns,
+                              "us": round(us, 2), "GBps": round(bytes_per_call / us / 1e3, 1)})
+            if not found:
+                continue
+            best = min(found, key=lambda r: r["us"])
+            rows[kernel] = {"default": found[0], "best": best,
+                            "top5": sorted(found, key=lambda r: r["us"])[:5], "tried": len(found)}
+            print(f"[moe-tiles] n={n} {kernel}: default {found[0]['us']} us, best {best}", flush=True)
+        results[f"n{n}"] = rows
+        if out_of_time:
+            print("[moe-tiles] time budget spent; remaining batches skipped", flush=True)
+            break
+    write_result("moe_tiles_30b-a3b", results,
+                 extra={"shape": {"hidden": HIDDEN, "experts": EXPERTS, "top_k": TOP_K, "inter": INTER},
+                        "layers": args.layers, "out_of_time": out_of_time}, out_dir=args.out_dir)
+
+
+def _as_tuple(t: fm.GemmTiles) -> tuple[int, int, int, int]:
+    return t.block_n, t.block_k, t.num_warps, t.num_stages
+
+
+if __name__ == "__main__":
+    main()

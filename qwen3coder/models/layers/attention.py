@@ -60,11 +60,18 @@ class PagedAttention(nn.Module):
         """q [N, Hq, D] -> [N, Hq, D] over the cache, into which this step's keys and values are
         already written (by `forward`, or by the fused prologue of `Qwen3Attention`)."""
         assert self.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
-        if ctx.is_decode and use_triton(q):
-            from qwen3coder.kernels.paged_attention import paged_attention_decode
+        if use_triton(q):
+            if ctx.is_decode:
+                from qwen3coder.kernels.paged_attention import paged_attention_decode
 
-            return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.seq_lens,
-                                          self.scale, max_seq_len=max(ctx.seq_lens_cpu))
+                return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.seq_lens,
+                                              self.scale, max_seq_len=max(ctx.seq_lens_cpu))
+            from qwen3coder.kernels import paged_prefill
+
+            # prefill, chunked prefill and mixed prefill+decode steps: one launch for the whole batch
+            return paged_prefill.paged_attention_varlen(q, self.k_cache, self.v_cache, ctx.block_tables,
+                                                        ctx.query_start_loc, ctx.seq_lens, self.scale,
+                                                        max(ctx.query_lens_cpu))
         return paged_attention_reference(q, self.k_cache, self.v_cache, ctx, self.scale)
 
     def _forward_no_cache(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""Triton attention over the paged KV cache for any mix of query lengths: prefill, chunked prefill
+and decode rows in one launch (flash attention, variable length, GQA, causal).
+
+The prefill path of the reference (`paged_attention_reference`) loops over sequences in Python,
+gathering each one's blocks and calling SDPA; in a mixed step of 8 prefill chunks and 56 decodes
+that is 64 small attention calls per layer. This kernel replaces the loop:
+
+* Grid `(cdiv(max_query_len, BLOCK_M), sequences, query heads)`. Program (m, s, h) owns query rows
+  `m*BLOCK_M ...` of sequence s (tokens `query_start_loc[s] + row`), which sit at positions
+  `context_len + row` with `context_len = seq_lens[s] - query_len` (what was cached before this
+  step: a prefix-cache hit, earlier chunks, or the decode history). Programs past a sequence's
+  query length exit at once; `max_query_len` is a host int (prefill steps are not graph-captured).
+* Keys/values are walked in BLOCK_N-token tiles from 0 to the last position the tile's rows can
+  see (causal, aligned to the bottom-right corner as in `causal_lower_right`), each tile's rows
+  gathered through the block table (`block = token // block_size`). Entries past `seq_len` are never
+  read (tables are -1 padded). QK^T and PV are `tl.dot`s with fp32 accumulation, softmax online in
+  base 2 with `scale * log2(e)` folded in. Every row sees position 0, so no row is fully masked.
+* GQA: query head h reads KV head `h // group`.
+
+The new keys/values of this step must already be in the cache (the fused prologue or `store_kv`
+writes them first). fp32 inputs use IEEE dots, for parity with the CPU reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional on CPU
+    triton = None
+
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
+                              out_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+                              stride_on, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              IEEE: tl.constexpr):
+        mt = tl.program_id(0)
+        seq = tl.program_id(1)
+        head = tl.program_id(2)
+        q_start = tl.load(query_start_ptr + seq)
+        q_len = tl.load(query_start_ptr + seq + 1) - q_start
+        if mt * BLOCK_M >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + seq)
+        ctx_len = seq_len - q_len
+        rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        d = tl.arange(0, HEAD_DIM)
+        tok_rows = (q_start + rows).to(tl.int64)
+        q = tl.load(q_ptr + tok_rows[:, None] * stride_qn + head * stride_qh + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        kvh = head // GROUP
+        pos = ctx_len + rows  # absolute position of each query row
+        end = tl.minimum(seq_len, ctx_len + (mt + 1) * BLOCK_M)  # one past the last key these rows see
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        for start in range(0, end, BLOCK_N):
+            toks = start + cols
+            tok_ok = toks < end
+            block = tl.load(block_tables_ptr + seq * stride_bt + toks // BLOCK_SIZE, mask=tok_ok, other=0)
+            base = block.to(tl.int64) * stride_kb + (toks % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+            k = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=tok_ok[None, :], other=0.0)  # [D, N]
+            if IEEE:
+                qk = tl.dot(q, k, input_precision="ieee")
+            else:
+                qk = tl.dot(q, k)
+            visible = (toks[None, :] <= pos[:, None]) & tok_ok[None, :]
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)  # [N, D]
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + tok_rows[:, None] * stride_on + head * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float, max_query_len: int) -> torch.Tensor:
+    """q [N, Hq, D] (the new tokens of every sequence, flattened) -> [N, Hq, D]; caches
+    [blocks, block_size, Hk, D] already holding this step's keys and values; `max_query_len` is the
+    longest query (host int)."""
+    assert triton is not None, "triton is not installed"
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert head_dim & (head_dim - 1) == 0 and head_dim >= 16, "head_dim must be a power of two >= 16"
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
+    out = torch.empty_like(q)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    block_m = 16 if max_query_len <= 16 else 64
+    block_n = 64 if head_dim <= 128 else 32
+    ieee = q.dtype == torch.float32
+    _paged_prefill_kernel[(triton.cdiv(max_query_len, block_m), num_seqs, num_heads)](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4 if block_m == 16 else 8, num_stages=2)
+    return out

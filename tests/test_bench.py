@@ -31,6 +31,7 @@ def test_bench_quick_cpu_with_profile(tmp_path):
 
 def test_kernel_families():
     assert family_of("_paged_decode_kernel") == "attention"
+    assert family_of("_paged_prefill_kernel") == "attention"
     assert family_of("_qk_norm_rope_store_kernel") == "attention"  # the fused prologue, not a norm
     assert family_of("_grouped_gemm_kernel") == "fused_moe"
     assert family_of("_gate_up_swiglu_kernel") == "fused_moe"

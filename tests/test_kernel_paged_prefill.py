@@ -40,6 +40,8 @@ CASES = [
     ([1, 1, 1], [1, 40, 130]),  # decode rows only
     ([33, 1, 100, 1], [33, 77, 164, 1]),  # prefill + decode mixed, a chunk after a 64-token context
     ([17, 64], [200, 64]),  # chunked prefill: 183 cached tokens before the chunk
+    ([300, 1], [300, 9]),  # 128-row query tiles: whole tiles before the diagonal, then masked ones
+    ([290], [420]),  # 128-row tiles of a chunk after 130 cached tokens
 ]
 
 

@@ -20,7 +20,7 @@ from qwen3coder.engine import LLM, SamplingParams
 
 # first match wins; names of Triton kernels, cuBLAS/CUTLASS GEMMs and aten ops
 FAMILIES: list[tuple[str, re.Pattern[str]]] = [
-    ("attention", re.compile(r"paged_decode|qk_norm_rope|flash|fmha|attention|sdpa|efficient_attention", re.I)),
+    ("attention", re.compile(r"paged_decode|paged_prefill|qk_norm_rope|flash|fmha|attention|sdpa|efficient_attention", re.I)),
     ("fused_moe", re.compile(r"grouped_gemm|fused_moe|gate_up_swiglu|down_proj_kernel", re.I)),
     ("moe_routing", re.compile(r"route_align|topk|sort|scatter|searchsorted|bincount|cumsum|softmax|radix",
                                re.I)),

@@ -11,8 +11,9 @@ that is 64 small attention calls per layer. This kernel replaces the loop:
   step: a prefix-cache hit, earlier chunks, or the decode history). Programs past a sequence's
   query length exit at once; `max_query_len` is a host int (prefill steps are not graph-captured).
 * Keys/values are walked in BLOCK_N-token tiles from 0 to the last position the tile's rows can
-  see (causal, aligned to the bottom-right corner as in `causal_lower_right`), each tile's rows
-  gathered through the block table (`block = token // block_size`). Entries past `seq_len` are never
+  see (causal, aligned to the bottom-right corner as in `causal_lower_right`): first the tiles that
+  every row sees whole (no masks), then the diagonal ones with the causal and length masks; each
+  tile's rows gathered through the block table (`block = token // block_size`). Entries past `seq_len` are never
   read (tables are -1 padded). QK^T and PV are `tl.dot`s with fp32 accumulation, softmax online in
   base 2 with `scale * log2(e)` folded in. Every row sees position 0, so no row is fully masked.
 * GQA: query head h reads KV head `h // group`.
@@ -34,6 +35,45 @@ except ImportError:  # pragma: no cover - triton is optional on CPU
 _LOG2E = 1.4426950408889634
 
 if triton is not None:
+
+    @triton.jit
+    def _attend_tile(q, m_i, l_i, acc, start, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kvh, pos, end,
+                     qk_scale, stride_kb, stride_ks, stride_kh, stride_bt, d, cols, BLOCK_SIZE: tl.constexpr,
+                     MASK: tl.constexpr, IEEE: tl.constexpr):
+        """One BLOCK_N-token key/value tile folded into the online softmax of the query rows. Without
+        MASK every key of the tile is visible to every row (tiles wholly before the diagonal)."""
+        toks = start + cols
+        if MASK:
+            tok_ok = toks < end
+            block = tl.load(block_tables_ptr + seq * stride_bt + toks // BLOCK_SIZE, mask=tok_ok, other=0)
+        else:
+            block = tl.load(block_tables_ptr + seq * stride_bt + toks // BLOCK_SIZE)
+        base = block.to(tl.int64) * stride_kb + (toks % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        if MASK:
+            k = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=tok_ok[None, :], other=0.0)  # [D, N]
+        else:
+            k = tl.load(k_cache_ptr + base[None, :] + d[:, None])
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee") * qk_scale
+        else:
+            qk = tl.dot(q, k) * qk_scale
+        if MASK:
+            visible = (toks[None, :] <= pos[:, None]) & tok_ok[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if MASK:
+            v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)  # [N, D]
+        else:
+            v = tl.load(v_cache_ptr + base[:, None] + d[None, :])
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        return m_new, l_i, acc
 
     @triton.jit
     def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
@@ -58,34 +98,21 @@ if triton is not None:
                     mask=row_ok[:, None], other=0.0)
         kvh = head // GROUP
         pos = ctx_len + rows  # absolute position of each query row
-        end = tl.minimum(seq_len, ctx_len + (mt + 1) * BLOCK_M)  # one past the last key these rows see
+        first_pos = ctx_len + mt * BLOCK_M  # the tile's first row sees keys 0..first_pos
+        end = tl.minimum(seq_len, first_pos + BLOCK_M)  # one past the last key any row of the tile sees
+        full_end = (first_pos + 1) // BLOCK_N * BLOCK_N  # keys before it: visible to every row
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
         cols = tl.arange(0, BLOCK_N)
-        for start in range(0, end, BLOCK_N):
-            toks = start + cols
-            tok_ok = toks < end
-            block = tl.load(block_tables_ptr + seq * stride_bt + toks // BLOCK_SIZE, mask=tok_ok, other=0)
-            base = block.to(tl.int64) * stride_kb + (toks % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-            k = tl.load(k_cache_ptr + base[None, :] + d[:, None], mask=tok_ok[None, :], other=0.0)  # [D, N]
-            if IEEE:
-                qk = tl.dot(q, k, input_precision="ieee")
-            else:
-                qk = tl.dot(q, k)
-            visible = (toks[None, :] <= pos[:, None]) & tok_ok[None, :]
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_cache_ptr + base[:, None] + d[None, :], mask=tok_ok[:, None], other=0.0)  # [N, D]
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        for start in range(0, full_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                                         seq, kvh, pos, end, qk_scale, stride_kb, stride_ks, stride_kh,
+                                         stride_bt, d, cols, BLOCK_SIZE, False, IEEE)
+        for start in range(full_end, end, BLOCK_N):  # the diagonal: causal and length masks
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                                         seq, kvh, pos, end, qk_scale, stride_kb, stride_ks, stride_kh,
+                                         stride_bt, d, cols, BLOCK_SIZE, True, IEEE)
         out = acc / l_i[:, None]
         tl.store(out_ptr + tok_rows[:, None] * stride_on + head * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -106,12 +133,12 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    block_m = 16 if max_query_len <= 16 else 64
+    block_m = 16 if max_query_len <= 16 else 64 if max_query_len <= 256 else 128
     block_n = 64 if head_dim <= 128 else 32
     ieee = q.dtype == torch.float32
     _paged_prefill_kernel[(triton.cdiv(max_query_len, block_m), num_seqs, num_heads)](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4 if block_m == 16 else 8, num_stages=2)
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4 if block_m == 16 else 8, num_stages=3 if block_m < 128 else 2)
     return out

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 import qwen3coder.kernels.moe_routing as routing
+from qwen3coder.bench.timing import cuda_graph_us
 from qwen3coder.kernels.fused_moe import moe_align, moe_block_m
 from qwen3coder.models.layers.moe import SparseMoeBlock, route
 
@@ -32,30 +33,6 @@ def multi_kernel_routing() -> Iterator[None]:
         yield
     finally:
         routing.fused_routing_fits = fits
-
-
-def graph_us(fn: Callable[[], object], reps: int, iters: int = 50) -> float:
-    """µs per `fn` call, `reps` calls captured in one CUDA graph, replayed `iters` times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    for _ in range(5):
-        g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (iters * reps)
 
 
 def kernels_per_call(fn: Callable[[], object]) -> tuple[int, list[str]]:
@@ -93,13 +70,13 @@ def main() -> None:
 
             row = {"batch": n, "fused_path": routing.fused_routing_fits(n, EXPERTS, TOP_K)}
             row["kernels_block_fused"], names = kernels_per_call(lambda: block(x))
-            row["block_fused_us"] = round(graph_us(lambda: block(x), args.layers), 2)
+            row["block_fused_us"] = round(cuda_graph_us(lambda: block(x), args.layers), 2)
             with multi_kernel_routing():
                 row["kernels_block_multi"], names_multi = kernels_per_call(lambda: block(x))
-                row["block_multi_us"] = round(graph_us(lambda: block(x), args.layers), 2)
-            row["routing_fused_us"] = round(graph_us(
+                row["block_multi_us"] = round(cuda_graph_us(lambda: block(x), args.layers), 2)
+            row["routing_fused_us"] = round(cuda_graph_us(
                 lambda: routing.fused_route_align(logits, TOP_K, True, bm, torch.bfloat16), 48), 2)
-            row["routing_multi_us"] = round(graph_us(old_routing, 48), 2)
+            row["routing_multi_us"] = round(cuda_graph_us(old_routing, 48), 2)
             row["kernels_routing_multi"] = kernels_per_call(old_routing)[0]
             results.append(row)
             print(json.dumps(row), flush=True)

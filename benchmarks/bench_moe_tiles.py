@@ -18,39 +18,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from typing import Callable
 
 import torch
 import triton
 
 from qwen3coder.bench.results import write_result
+from qwen3coder.bench.timing import cuda_graph_us
 from qwen3coder.kernels import fused_moe as fm
 from qwen3coder.models.layers.moe import route
 
 HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
-
-
-def graph_us(fns: list[Callable[[], object]], iters: int = 20) -> float:
-    """µs per call: the calls captured once in one CUDA graph, replayed `iters` times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (iters * len(fns))
 
 
 def configs(prefill: bool) -> list[tuple[int, int, int, int]]:
@@ -120,7 +97,8 @@ def main() -> None:
                             w2[li].stride(1), out.stride(0), IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                             num_warps=nw, num_stages=ns)
                 try:
-                    us = graph_us([lambda li=li: call(li) for li in range(args.layers)])
+                    # one graph replay calls every layer's weights in turn (L2 cannot hold them)
+                    us = cuda_graph_us(lambda: [call(li) for li in range(args.layers)], 1, 20) / args.layers
                 except Exception as e:  # e.g. out of shared memory for this tile: skip the config
                     print(f"[moe-tiles] n={n} {kernel} bm={bm} bn={bn} bk={bk} w={nw} s={ns}: "
                           f"{type(e).__name__}", flush=True)

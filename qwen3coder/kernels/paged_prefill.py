@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import torch
 
+from qwen3coder.kernels.paged_attention import _LOG2E  # the softmax runs in base 2
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
-
-_LOG2E = 1.4426950408889634
 
 if triton is not None:
 

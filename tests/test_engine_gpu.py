@@ -110,3 +110,22 @@ def test_seeded_sampling_on_cuda_is_batch_independent(checkpoint):
     mixed = llm.generate(crowd, params, use_tqdm=False)[4].outputs[0].token_ids
     assert alone == mixed
     assert torch.cuda.is_available()
+
+
+def test_async_scheduling_matches_sync_on_cuda(checkpoint):
+    """On CUDA async scheduling is the default; its tokens equal the synchronous engine's, greedy and
+    with penalties / seeds (which read the token still pending on the device), in graphs and eager."""
+    mixed = [GREEDY, SamplingParams(temperature=0.8, seed=3, max_tokens=20, repetition_penalty=1.3,
+                                    presence_penalty=0.4, frequency_penalty=0.2, ignore_eos=True),
+             SamplingParams(temperature=1.0, seed=7, top_k=20, top_p=0.8, max_tokens=17, ignore_eos=True),
+             SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=list(range(100, 140)))] * 3
+    mixed = mixed[:len(PROMPTS)]
+    for eager in (False, True):
+        results = []
+        for async_scheduling in (False, True):
+            llm = LLM(checkpoint, skip_tokenizer_init=True, max_model_len=256, max_num_seqs=16, device="cuda",
+                      dtype="bfloat16", enforce_eager=eager, async_scheduling=async_scheduling)
+            assert llm.llm_engine.config.async_scheduling is async_scheduling
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], mixed, use_tqdm=False)
+            results.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs])
+        assert results[0] == results[1], f"enforce_eager={eager}"

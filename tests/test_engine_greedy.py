@@ -51,6 +51,11 @@ CONFIGS = {
     "chunk33_no_cache": dict(max_num_batched_tokens=33, enable_prefix_caching=False),
     "tiny_pool": dict(num_kv_blocks=6, max_num_batched_tokens=48),
     "tiny_pool_bs4": dict(num_kv_blocks=22, block_size=4, max_num_seqs=3),
+    # async scheduling (step n+1 planned before step n's tokens are read), forced on the CPU
+    "async": dict(async_scheduling=True),
+    "async_chunk7": dict(async_scheduling=True, max_num_batched_tokens=7),
+    "async_tiny_pool_bs4": dict(async_scheduling=True, num_kv_blocks=22, block_size=4, max_num_seqs=3),
+    "async_max_seqs2": dict(async_scheduling=True, max_num_seqs=2),
 }
 
 

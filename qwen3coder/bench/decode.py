@@ -5,7 +5,7 @@
     qwen3coder bench --preset 30b-a3b --profile                # where decode time goes
 
 Metrics (keys of the JSON under benchmarks/results/): decode_bs{1,16,64}_tok_s (output tokens/s of the
-decode phase: 128-token prompts), hbm_fraction_bs1 (bytes a batch-1 decode step must read / step time
+decode phase: 128-token prompts; decode_bs1_sync_tok_s without async scheduling), hbm_fraction_bs1 (bytes a batch-1 decode step must read / step time
 / the copy bandwidth measured in the same run), ttft_ms_{1k,8k,32k}, offline_10x2048x1024_output_tok_s,
 offline_64x1024x128_total_tok_s, online_* (streaming clients through the server at a given
 concurrency), and with --compare-transformers transformers_decode_bs{1,16}_tok_s on
@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> str:
     out_len = 16 if quick else 256
     runner = llm.llm_engine.runner
     engine_info = {"runner": type(runner).__name__,
+                   "async_scheduling": llm.llm_engine.config.async_scheduling,
                    "cuda_graph_batch_sizes": sorted(getattr(runner, "graphs", {}) or {}),
                    "kernels": "triton" if (dev == "cuda" and getattr(model, "supports_cuda_graphs", False))
                    else "torch"}
@@ -198,6 +199,14 @@ def run(args: argparse.Namespace) -> str:
         metrics["decode_step_bytes_bs1"] = step_bytes
         metrics["hbm_fraction_bs1"] = round(step_bytes * metrics["decode_bs1_tok_s"]
                                             / (metrics["copy_bandwidth_GBps"] * 1e9), 3)
+    if dev == "cuda" and llm.llm_engine.config.async_scheduling and not quick:
+        def bs1_sync() -> None:  # what async scheduling brings: the same run with it switched off
+            llm.llm_engine.config.async_scheduling = False
+            try:
+                metrics["decode_bs1_sync_tok_s"] = round(decode_tok_s(llm, 1, cfg.vocab_size, out_len, dev), 2)
+            finally:
+                llm.llm_engine.config.async_scheduling = True
+        scenario("decode_bs1_sync", bs1_sync)
     scenario("decode_bs16", bs(16))
     scenario("decode_bs64", bs(64))
     for label, n in (("1k", 1024), ("8k", 8192), ("32k", 32768)):

@@ -50,7 +50,32 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32) -> dict[st
     result = _record(llm, lambda: [engine.step() for _ in range(steps)], steps)
     while engine.has_unfinished_requests():
         engine.step()
+    replay = graph_replay_ms(llm, batch)
+    if replay is not None:  # the decode graph alone: its kernels plus the gaps between them
+        result["graph_replay_ms"] = replay
     return {"batch": batch, **result}
+
+
+def graph_replay_ms(llm: LLM, batch: int, iters: int = 50) -> float | None:
+    """ms per replay of the CUDA graph that serves decode batches of `batch` (None: no graphs)."""
+    runner = llm.llm_engine.runner
+    graphs = getattr(runner, "graphs", None)
+    if not graphs:
+        return None
+    bucket = next((b for b in sorted(graphs) if b >= batch), None)
+    if bucket is None:
+        return None
+    graph = graphs[bucket]
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / iters, 3)
 
 
 def profile_prefill(llm: LLM, num_prompts: int, prompt_len: int, vocab: int) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class EngineConfig:
     seed: int = 0
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # CUDA: no CUDA graphs
+    async_scheduling: bool = False  # plan + launch decode step n+1 before reading step n's tokens
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     generation_config: dict[str, Any] = field(default_factory=dict)
@@ -83,7 +84,8 @@ class EngineConfig:
                block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 256,
                max_num_batched_tokens: int | None = None, seed: int = 0, enforce_eager: bool = False,
                cpu_kv_cache_bytes: int = 4 << 30, num_state_snapshots: int | None = None,
-               max_waiting_requests: int | None = None) -> "EngineConfig":
+               max_waiting_requests: int | None = None,
+               async_scheduling: bool | None = None) -> "EngineConfig":
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         limit = model_config.max_position_embeddings
@@ -104,9 +106,11 @@ class EngineConfig:
         cache.validate()
         sched.validate()
         gen = load_generation_config(model_path) if model_path else {}
+        if async_scheduling is None:  # auto: on CUDA, where it hides the host's work behind the GPU's
+            async_scheduling = dev.type == "cuda"
         return cls(model_config=model_config, model_path=model_path, device=dev, dtype=dt, seed=seed,
                    skip_tokenizer_init=skip_tokenizer_init, enforce_eager=enforce_eager, cache=cache,
-                   scheduler=sched, generation_config=gen)
+                   scheduler=sched, generation_config=gen, async_scheduling=bool(async_scheduling))
 
     def eos_token_ids(self, tokenizer: Any = None) -> set[int]:
         """EOS ids: generation_config.json's plus config.json's plus the tokenizer's."""

@@ -22,7 +22,8 @@ from qwen3coder.engine.metrics import EngineStats, StatsCollector
 from qwen3coder.engine.output_processor import OutputProcessor
 from qwen3coder.engine.outputs import RequestOutput
 from qwen3coder.engine.sampling_params import SamplingParams
-from qwen3coder.engine.scheduler import Scheduler
+from qwen3coder.engine.model_runner import StepHandle
+from qwen3coder.engine.scheduler import Scheduler, SchedulerOutput
 from qwen3coder.engine.sequence import Request
 
 logger = logging.getLogger("qwen3coder.engine")
@@ -56,6 +57,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer, detok_cls)
         self.stats = StatsCollector()
         self._errored: list[Request] = []
+        self._inflight: StepHandle | None = None  # async scheduling: a launched step not yet collected
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -152,19 +154,42 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
+        """One engine step: schedule, run, apply the sampled tokens, make outputs.
+
+        With async scheduling (CUDA default) the next decode step is planned and launched before
+        this step's sampled tokens are read back (`Scheduler.schedule_lookahead`), so the host's
+        scheduling, input preparation and output processing overlap the GPU's forward pass; the
+        launched step is carried to the next `step()` call."""
         outputs = [self._finish_errored(r) for r in self._errored]
         self._errored = []
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return outputs
+        cur, self._inflight = self._inflight, None
+        if cur is None:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return outputs
+            try:
+                cur = self.runner.launch(sched)
+            except Exception as e:  # noqa: BLE001 - the engine must survive; the step's requests fail
+                return outputs + self._step_failed(sched, e)
+        sched = cur.sched
+        nxt, nxt_failed = None, None
+        if self.config.async_scheduling:
+            ahead = self.scheduler.schedule_lookahead(sched)
+            if ahead is not None:
+                try:
+                    nxt = self.runner.launch(ahead, prev=cur)
+                except Exception as e:  # noqa: BLE001 - fail its requests once this step's tokens are in
+                    nxt_failed = (ahead, e)
         try:
-            result = self.runner.execute_model(sched)
-        except Exception as e:  # noqa: BLE001 - the engine must survive; the step's requests fail
-            logger.error("model step failed: %s", traceback.format_exc())
-            reqs = {e_.seq.request.request_id: e_.seq.request for e_ in sched.seqs}
-            for req in reqs.values():
-                self._fail(req, f"model step failed: {type(e).__name__}: {e}")
-            return outputs + [self._finish_errored(r) for r in self._take_errored()]
+            result = self.runner.collect(cur)
+        except Exception as e:  # noqa: BLE001
+            if nxt is not None or nxt_failed is not None:
+                ahead = nxt.sched if nxt is not None else nxt_failed[0]
+                for entry in ahead.seqs:  # their pending tokens will never be read
+                    if entry.seq.has_pending_token:
+                        entry.seq.token_ids.pop()
+                        entry.seq.has_pending_token = False
+            return outputs + self._step_failed(sched, e)
         now = time.monotonic()
         for e in sched.seqs:
             if e.start < e.seq.num_prompt_tokens:
@@ -204,8 +229,22 @@ class LLMEngine:
                 self._on_finished(req, now)
             if out is not None:
                 outputs.append(out)
+        if nxt_failed is not None:
+            logger.error("model step failed: %s", "".join(traceback.format_exception(nxt_failed[1])))
+            for req in {e.seq.request.request_id: e.seq.request for e in nxt_failed[0].seqs}.values():
+                if not req.is_finished:
+                    self._fail(req, f"model step failed: {type(nxt_failed[1]).__name__}: {nxt_failed[1]}")
+        if nxt is not None and any(not e.seq.is_finished for e in nxt.sched.seqs):
+            self._inflight = nxt  # else every sequence of it finished: its results are not needed
         outputs.extend(self._finish_errored(r) for r in self._take_errored())
         return outputs
+
+    def _step_failed(self, sched: SchedulerOutput, e: Exception) -> list[RequestOutput]:
+        logger.error("model step failed: %s", traceback.format_exc())
+        reqs = {e_.seq.request.request_id: e_.seq.request for e_ in sched.seqs}
+        for req in reqs.values():
+            self._fail(req, f"model step failed: {type(e).__name__}: {e}")
+        return [self._finish_errored(r) for r in self._take_errored()]
 
     def _on_finished(self, req: Request, now: float) -> None:
         m = req.metrics

@@ -12,6 +12,7 @@ graphs for decode batches.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,11 +22,32 @@ from qwen3coder.engine.config import EngineConfig
 from qwen3coder.engine.outputs import Logprob
 from qwen3coder.engine.sampler import SampledToken, Sampler, SamplingMetadata
 from qwen3coder.engine.scheduler import ModelRunnerOutput, SchedulerOutput
+from qwen3coder.engine.sequence import Sequence
 from qwen3coder.models.cache import (allocate_kv_cache, allocate_state_cache, copy_state_slot,
                                      kv_cache_bytes_per_block, state_bytes_per_slot)
-from qwen3coder.models.context import ForwardContext
+from qwen3coder.models.context import ForwardContext, host_to_device
 
 logger = logging.getLogger("qwen3coder.engine")
+
+
+@dataclass
+class StepHandle:
+    """A launched step (`ModelRunner.launch`): what `collect` needs to read its results."""
+
+    sched: SchedulerOutput
+    seqs: list[Sequence]  # the sampled rows, in order
+    token_ids: torch.Tensor | None  # [rows] sampled ids on the device (the next step's pending inputs)
+    host: dict[str, torch.Tensor]  # host copies of the sampler outputs (pinned, written asynchronously)
+    event: "torch.cuda.Event | None"  # recorded after the copies (CUDA)
+    out: ModelRunnerOutput  # prompt logprobs are filled at launch
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 DEFAULT_MAX_SNAPSHOTS = 16
 
@@ -76,8 +98,8 @@ class ModelRunner:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
-        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
+        src = host_to_device([s for s, _ in pairs], torch.long, self.device)
+        dst = host_to_device([d for _, d in pairs], torch.long, self.device)
         for module in self.model.modules():
             if getattr(module, "is_paged_attention", False):
                 module.k_cache[dst] = module.k_cache[src]
@@ -89,8 +111,19 @@ class ModelRunner:
                 copy_state_slot(self.model, src, dst)
 
     # ------------------------------------------------------------------ one step
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and return its results (launch + collect)."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: "StepHandle | None" = None) -> "StepHandle":
+        """Queue one step on the device: inputs, forward, sampling, and non-blocking copies of the
+        sampled ids (and logprobs) to pinned host memory. On CUDA nothing here waits for the GPU
+        (except prompt logprobs), so the host can plan the next step while this one runs.
+
+        `prev`: the launched step whose sampled tokens are this step's pending inputs (async
+        scheduling): an entry of a sequence with a pending placeholder takes its input id from
+        `prev.token_ids` on the device and its penalties count that token."""
         self.copy_blocks(sched.block_copies)
         self.copy_state_slots(sched.state_copies)
         ids: list[int] = []
@@ -98,10 +131,17 @@ class ModelRunner:
         logit_rows: list[int] = []
         sample_row_of_entry: dict[int, int] = {}
         prompt_rows: list[tuple[int, int, int]] = []  # (seq_id, position, logits row) for prompt logprobs
+        pending_at: list[int] = []  # flat input positions whose id is prev's sampled token
+        pending_row: list[int] = []  # ... and that token's row in prev
+        prev_rows = {s.seq_id: r for r, s in enumerate(prev.seqs)} if prev is not None else {}
         for i, e in enumerate(sched.seqs):
             seq, base = e.seq, len(ids)
             ids.extend(seq.token_ids[e.start:e.start + e.num_new_tokens])
             positions.extend(range(e.start, e.start + e.num_new_tokens))
+            if seq.has_pending_token and e.start + e.num_new_tokens == len(seq):
+                assert seq.seq_id in prev_rows, "a pending token needs the step that samples it"
+                pending_at.append(len(ids) - 1)
+                pending_row.append(prev_rows[seq.seq_id])
             req = seq.request
             if req.prompt_logprobs is not None and seq is req.seqs[0]:
                 for pos in range(e.start, min(e.start + e.num_new_tokens, seq.num_prompt_tokens - 1)):
@@ -118,33 +158,59 @@ class ModelRunner:
             state_indices=[e.seq.state_slot for e in sched.seqs] if self.hybrid else None,
             has_initial_state=[e.has_initial_state for e in sched.seqs] if self.hybrid else None,
             device=self.device, only_last_logits=False)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
-        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        input_ids = host_to_device(ids, torch.long, self.device)
+        if pending_at:
+            at = host_to_device(pending_at, torch.long, self.device)
+            src = host_to_device(pending_row, torch.long, self.device)
+            input_ids.index_copy_(0, at, prev.token_ids.index_select(0, src))
+        pos_t = host_to_device(positions, torch.long, self.device)
+        rows = host_to_device(logit_rows, torch.long, self.device)
         ctx.logits_indices = rows
         logits = self.forward_logits(input_ids, pos_t, ctx, rows)
-        out = ModelRunnerOutput(sampled={})
+        handle = StepHandle(sched, [], None, {}, None, ModelRunnerOutput(sampled={}))
         if prompt_rows:
-            self._prompt_logprobs(logits, prompt_rows, sched, out)
+            self._prompt_logprobs(logits, prompt_rows, sched, handle.out)
         sample_rows = sched.sample_rows()
         if sample_rows:
             seqs = [s for s, _ in sample_rows]
-            index = torch.tensor([sample_row_of_entry[i] for _, i in sample_rows], dtype=torch.long,
-                                 device=self.device)
-            md = SamplingMetadata.from_sequences(seqs, self.vocab_size, self.device)
+            index = host_to_device([sample_row_of_entry[i] for _, i in sample_rows], torch.long, self.device)
+            pending = None
+            if prev is not None and any(s.has_pending_token for s in seqs):
+                where = [r for r, s in enumerate(seqs) if s.has_pending_token]
+                pending = torch.full((len(seqs),), self.vocab_size, dtype=torch.long, device=self.device)
+                pending.index_copy_(0, host_to_device(where, torch.long, self.device), prev.token_ids.index_select(
+                    0, host_to_device([prev_rows[seqs[r].seq_id] for r in where], torch.long, self.device)))
+            md = SamplingMetadata.from_sequences(seqs, self.vocab_size, self.device, pending)
             res = self.sampler(logits.index_select(0, index), md)
-            toks = res.token_ids.tolist()
-            lps = res.logprobs.tolist() if res.logprobs is not None else None
-            ranks = res.ranks.tolist() if res.ranks is not None else None
-            top_ids = res.top_ids.tolist() if res.top_ids is not None else None
-            top_lps = res.top_logprobs.tolist() if res.top_logprobs is not None else None
-            for r, seq in enumerate(seqs):
-                tok = SampledToken(toks[r])
-                k = seq.params.logprobs
-                if k is not None:
-                    tok.logprob, tok.rank = lps[r], ranks[r]
-                    tok.top = list(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else []
-                out.sampled[seq.seq_id] = tok
+            handle.seqs, handle.token_ids = seqs, res.token_ids
+            for name in ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs"):
+                t = getattr(res, name)
+                if t is not None:
+                    handle.host[name] = _to_host(t)
+        if self.device.type == "cuda":
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        return handle
+
+    def collect(self, handle: "StepHandle") -> ModelRunnerOutput:
+        """Wait for a launched step's sampled tokens and turn them into host values."""
+        if handle.event is not None:
+            handle.event.synchronize()
+        out, host = handle.out, handle.host
+        if not handle.seqs:
+            return out
+        toks = host["token_ids"].tolist()
+        lps = host["logprobs"].tolist() if "logprobs" in host else None
+        ranks = host["ranks"].tolist() if "ranks" in host else None
+        top_ids = host["top_ids"].tolist() if "top_ids" in host else None
+        top_lps = host["top_logprobs"].tolist() if "top_logprobs" in host else None
+        for r, seq in enumerate(handle.seqs):
+            tok = SampledToken(toks[r])
+            k = seq.params.logprobs
+            if k is not None:
+                tok.logprob, tok.rank = lps[r], ranks[r]
+                tok.top = list(zip(top_ids[r][:k], top_lps[r][:k])) if k > 0 else []
+            out.sampled[seq.seq_id] = tok
         return out
 
     def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,

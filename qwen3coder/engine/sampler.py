@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen3coder.engine.sequence import Sequence
+from qwen3coder.models.context import host_to_device
 
 _EPS = 1e-5
 
@@ -37,7 +38,11 @@ class SamplingMetadata:
     max_num_logprobs: int  # -1: no logprobs wanted
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingMetadata":
+    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device,
+                       pending_token_ids: torch.Tensor | None = None) -> "SamplingMetadata":
+        """Per-row settings of `seqs`. `pending_token_ids [B]` (device; `vocab_size` where none): the
+        async-scheduling case, tokens sampled by the previous step that the host has not read yet —
+        they end each row's output tokens (the penalties count them)."""
         params = [s.params for s in seqs]
         greedy = [p.is_greedy for p in params]
         temps = [1.0 if g else float(p.temperature) for p, g in zip(params, greedy)]
@@ -45,7 +50,7 @@ class SamplingMetadata:
         def column(values: list, dtype: torch.dtype, neutral) -> torch.Tensor | None:
             if all(v == neutral for v in values):
                 return None
-            return torch.tensor(values, dtype=dtype, device=device)
+            return host_to_device(values, dtype, device)
 
         top_k = column([vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params],
                        torch.int64, vocab_size)
@@ -53,11 +58,14 @@ class SamplingMetadata:
         min_p = column([float(p.min_p) for p in params], torch.float32, 0.0)
         rep = pres = freq = prompt_ids = output_ids = None
         if any(p.needs_penalties for p in params):
-            rep = torch.tensor([float(p.repetition_penalty) for p in params], device=device)
-            pres = torch.tensor([float(p.presence_penalty) for p in params], device=device)
-            freq = torch.tensor([float(p.frequency_penalty) for p in params], device=device)
+            rep = host_to_device([float(p.repetition_penalty) for p in params], torch.float32, device)
+            pres = host_to_device([float(p.presence_penalty) for p in params], torch.float32, device)
+            freq = host_to_device([float(p.frequency_penalty) for p in params], torch.float32, device)
             prompt_ids = _pad([s.token_ids[:s.num_prompt_tokens] for s in seqs], vocab_size, device)
-            output_ids = _pad([s.output_token_ids for s in seqs], vocab_size, device)
+            known = [s.output_token_ids[:-1] if s.has_pending_token else s.output_token_ids for s in seqs]
+            output_ids = _pad(known, vocab_size, device)
+            if pending_token_ids is not None:
+                output_ids = torch.cat([output_ids, pending_token_ids.to(torch.int64)[:, None]], dim=1)
         generators: dict[int, torch.Generator] = {}
         banned: list[tuple[int, list[int]]] = []
         for row, (seq, p) in enumerate(zip(seqs, params)):
@@ -70,8 +78,8 @@ class SamplingMetadata:
                 banned.append((row, sorted(p.all_stop_token_ids)))
         want = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperature=host_to_device(temps, torch.float32, device),
+            greedy=host_to_device(greedy, torch.bool, device),
             all_greedy=all(greedy), top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq,
             prompt_token_ids=prompt_ids, output_token_ids=output_ids, generators=generators,
@@ -82,7 +90,7 @@ class SamplingMetadata:
 def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0) or 1
     data = [r + [pad] * (width - len(r)) for r in rows]
-    return torch.tensor(data, dtype=torch.int64, device=device)
+    return host_to_device(data, torch.int64, device)
 
 
 # ---------------------------------------------------------------------- logit transforms
@@ -163,7 +171,7 @@ class Sampler:
             if logits is raw:
                 logits = logits.clone()
             for row, ids in md.banned:
-                logits[row, ids] = float("-inf")
+                logits[row, host_to_device(ids, torch.int64, logits.device)] = float("-inf")
         greedy_ids = logits.argmax(dim=-1)
         if md.all_greedy:
             token_ids = greedy_ids

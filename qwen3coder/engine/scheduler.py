@@ -177,6 +177,53 @@ class Scheduler:
         self.pending_block_copies, self.pending_state_copies = [], []
         return out
 
+    def schedule_lookahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """Async scheduling: the next decode step, planned while `prev` still runs on the GPU.
+
+        Every sequence of `prev` gets a pending placeholder for the token `prev` samples
+        (`Sequence.append_pending`; `update_from_output(prev, ...)` fills it in) and is scheduled for one
+        more token whose input the runner takes from `prev`'s sampled ids on the device. Sequences that
+        `prev` certainly finishes (`max_tokens`, `max_model_len`) are left out. A sequence that stops on
+        EOS, a stop token or a stop string is only known to after `prev`; its share of this step is
+        then wasted and dropped (`update_from_output` skips finished sequences).
+
+        Returns None — the engine then waits for `prev` and schedules normally — whenever this plan
+        could differ from what `schedule()` would do: requests waiting for admission, a sequence of
+        the running set that `prev` did not sample (prefill chunks), forks, block or state copies
+        pending, a hybrid snapshot due, or not enough free blocks without preemption.
+        """
+        if (self.waiting and len(self.running) < self.config.max_num_seqs) or self.pending_block_copies \
+                or self.pending_state_copies or prev.num_preempted:
+            return None
+        if len(prev.seqs) != len(self.running) or any(
+                not e.sample or e.children or e.seq.status is not SequenceStatus.RUNNING or e.seq.snapshot_at
+                for e in prev.seqs):
+            return None
+        max_len = self.config.max_model_len
+        nxt = []
+        for e in prev.seqs:
+            seq, p = e.seq, e.seq.params
+            outputs = seq.num_output_tokens + 1  # after prev's token
+            if (p.max_tokens is not None and outputs >= p.max_tokens) or len(seq) + 1 >= max_len:
+                continue
+            nxt.append(e)
+        if not nxt or len(nxt) > self.config.max_num_batched_tokens:
+            return None
+        need = sum(self.block_manager.num_blocks_needed(e.seq, e.num_new_tokens + 1) for e in nxt)
+        if need > self.block_manager.num_free_blocks:
+            return None
+        entries = []
+        for e in nxt:
+            seq = e.seq
+            start = e.start + e.num_new_tokens
+            assert start == len(seq)
+            ok = self.block_manager.allocate(seq, e.num_new_tokens + 1)
+            assert ok
+            seq.num_computed_tokens = start  # what update_from_output(prev) will set too
+            seq.append_pending()
+            entries.append(ScheduledSeq(seq, 1, start, sample=True, has_initial_state=True))
+        return SchedulerOutput(entries, [], [], len(entries))
+
     def _admit(self, entries: list[ScheduledSeq], budget: int) -> int:
         bm, bs = self.block_manager, self.block_size
         reserve = int(self.config.admission_watermark * bm.num_blocks)

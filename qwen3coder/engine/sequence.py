@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 _seq_ids = itertools.count()
+PENDING_TOKEN = -1  # placeholder id of a sampled token the host has not read yet (async scheduling)
 
 
 class SequenceStatus(enum.Enum):
@@ -58,6 +59,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # async scheduling: the last entry of `token_ids` is a placeholder for a token the GPU has
+        # sampled but the host has not read yet (the next step is already running on it)
+        self.has_pending_token = False
 
     # ------------------------------------------------------------------ sizes
     def __len__(self) -> int:
@@ -89,15 +93,27 @@ class Sequence:
         return self.num_computed_tokens < len(self.token_ids) - 1
 
     def compute_block_hashes(self, block_size: int) -> list[bytes]:
-        """Extend `block_hashes` to cover every full block of `token_ids`."""
-        full = len(self.token_ids) // block_size
+        """Extend `block_hashes` to cover every full block of known `token_ids` (a pending
+        placeholder is never hashed)."""
+        full = (len(self.token_ids) - self.has_pending_token) // block_size
         for i in range(len(self.block_hashes), full):
             parent = self.block_hashes[i - 1] if i else None
             self.block_hashes.append(hash_block(parent, self.token_ids[i * block_size:(i + 1) * block_size]))
         return self.block_hashes
 
     def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
+        """Add a sampled token, or resolve the pending placeholder with it."""
+        if self.has_pending_token:
+            self.token_ids[-1] = token_id
+            self.has_pending_token = False
+        else:
+            self.token_ids.append(token_id)
+
+    def append_pending(self) -> None:
+        """Async scheduling: reserve the place of a token sampled on the GPU, not yet read."""
+        assert not self.has_pending_token, "at most one token may be pending"
+        self.token_ids.append(PENDING_TOKEN)
+        self.has_pending_token = True
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request.request_id}, idx={self.index}, "

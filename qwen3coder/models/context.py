@@ -20,6 +20,15 @@ from dataclasses import dataclass
 import torch
 
 
+def host_to_device(data: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A tensor of host values on `device`. On CUDA the values go through pinned memory with a
+    non-blocking copy, so building a step's inputs never waits for the GPU (async scheduling
+    prepares step n+1 while step n runs); `torch.tensor(..., device="cuda")` would synchronise."""
+    if torch.device(device).type == "cuda":
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(data, dtype=dtype, device=device)
+
+
 @dataclass
 class ForwardContext:
     query_start_loc: torch.Tensor  # [S+1] int32, cumulative new-token counts
@@ -99,20 +108,20 @@ class ForwardContext:
                     slots.append(table[pos // block_size] * block_size + pos % block_size)
             width = max((len(t) for t in block_tables), default=0) or 1
             padded = [list(t) + [-1] * (width - len(t)) for t in block_tables]
-            slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
-            bt = torch.tensor(padded, dtype=torch.int32, device=device)
+            slot_mapping = host_to_device(slots, torch.int64, device)
+            bt = host_to_device(padded, torch.int32, device)
         logits_indices = None
         if only_last_logits:
-            logits_indices = torch.tensor([x - 1 for x in loc[1:]], dtype=torch.int64, device=device)
+            logits_indices = host_to_device([x - 1 for x in loc[1:]], torch.int64, device)
         return cls(
-            query_start_loc=torch.tensor(loc, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            query_start_loc=host_to_device(loc, torch.int32, device),
+            seq_lens=host_to_device(seq_lens, torch.int32, device),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
             slot_mapping=slot_mapping,
             block_tables=bt,
             state_indices=None if state_indices is None
-            else torch.tensor(state_indices, dtype=torch.int64, device=device),
+            else host_to_device(state_indices, torch.int64, device),
             has_initial_state_cpu=None if has_initial_state is None else list(has_initial_state),
             logits_indices=logits_indices,
         )

@@ -184,7 +184,9 @@ def test_paged_decode_cuda_graph_30b_shape():
             assert torch.equal(eager, out)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+# the add+RMSNorm kernel only loads, casts and stores bf16 (arithmetic in fp32), which the interpreter
+# runs faithfully (conftest.py: its float32 -> bfloat16 cast rounds to nearest even, as the GPU does)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("zero_centered", [False, True])
 def test_fused_add_rmsnorm_matches_reference(dtype, zero_centered):
     g = torch.Generator().manual_seed(2)

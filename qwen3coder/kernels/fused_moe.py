@@ -187,12 +187,14 @@ def _fit(t: GemmTiles, n_out: int, k_in: int) -> GemmTiles:
 def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, block_m: int = 16,
               sorted_ids: torch.Tensor | None = None, block_expert: torch.Tensor | None = None,
-              tiles: MoETiles | None = None) -> torch.Tensor:
+              tiles: MoETiles | None = None, reduce: bool = True) -> torch.Tensor:
     """Σ_k w_k · SwiGLU_{id_k}(x) for x [N, H]; weights as in `Experts` ([E, 2I, H], [E, H, I]).
 
     `sorted_ids` / `block_expert` (int32 or int64), when given, are `moe_align(topk_ids, E, block_m)`
     computed beforehand (e.g. by `fused_route_align`); otherwise they are computed here. `tiles`: the
-    kernels' launch configuration (default `moe_tiles(pairs)`).
+    kernels' launch configuration (default `moe_tiles(pairs)`). `reduce=False` returns the weighted
+    per-expert partials [N, K, H] (w_k · SwiGLU_{id_k}(x), in x's dtype) instead of their sum, for
+    `kernels.rmsnorm.fused_add_rmsnorm` to sum as it adds the residual.
     """
     assert triton is not None, "triton is not installed"
     n, k = topk_ids.shape
@@ -218,6 +220,10 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
         down_proj.shape[1], inter, act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
         IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
         num_stages=t.num_stages)
-    # the sum over the top-k is one reduction kernel; folding it into the down projection with float
-    # atomics would need a zeroed fp32 buffer and a cast back: no fewer launches, and non-deterministic
-    return out.view(n, k, -1).sum(dim=1)
+    # The sum over the top-k is not done in the down projection: float atomics would need a zeroed
+    # fp32 buffer and a cast back (no fewer launches, and non-deterministic). In the models it is
+    # folded into the next fused add+RMSNorm (`reduce=False`, see `SparseMoeBlock.fold_topk_sum`),
+    # which reads the K partials instead of one row: no launch of its own. Standalone it is one
+    # reduction kernel (fp32 accumulation, rounded once).
+    partials = out.view(n, k, -1)
+    return partials.sum(dim=1) if reduce else partials

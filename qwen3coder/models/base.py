@@ -35,6 +35,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=zero_centered_norm)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Hidden states [N, H] after the final norm. Between layers `hidden` is a layer's FFN output
+        not yet added to `residual` — on the Triton path a MoE layer's `TopKPartials` — which only
+        the next RMSNorm(hidden, residual) consumes: don't read it here (e.g. to tap hidden states);
+        take the norm's new residual (the running sum) instead."""
         hidden = self.embed_tokens(input_ids)
         self.rotary.prepare(positions, hidden.dtype)
         residual = None

@@ -3,6 +3,10 @@
 Each layer: `h += Attention(RMSNorm(h))` with GQA and per-head QK-norm before RoPE, then
 `h += FFN(RMSNorm(h))` where the FFN is the sparse MoE (`mlp.gate` router + 128/160 SwiGLU experts)
 or, for `mlp_only_layers` / `decoder_sparse_step` / model_type `qwen3`, a dense SwiGLU MLP.
+
+A layer returns `(ffn_output, residual)` without adding them: the next layer's `input_layernorm` (or
+the model's final `norm`) does `norm(ffn_output + residual)` in one fused kernel. On the Triton path a
+MoE FFN's output is `TopKPartials` (its top-k sum folded into that kernel too); only RMSNorm takes it.
 """
 
 from __future__ import annotations
@@ -15,16 +19,20 @@ from qwen3coder.models.base import CausalLM, DecoderModel
 from qwen3coder.models.context import ForwardContext
 from qwen3coder.models.layers.attention import Qwen3Attention
 from qwen3coder.models.layers.mlp import SwiGLUMLP
-from qwen3coder.models.layers.moe import SparseMoeBlock
+from qwen3coder.models.layers.moe import SparseMoeBlock, TopKPartials
 from qwen3coder.models.layers.norms import RMSNorm
 from qwen3coder.models.layers.rotary import RotaryEmbedding
 
 
 def build_ffn(config: ModelConfig, layer_idx: int) -> nn.Module:
+    """The FFN of decoder layer `layer_idx`. Its output goes only to the next RMSNorm(hidden, residual),
+    so a MoE block folds its top-k sum into that norm (`fold_topk_sum`; no-op with a shared expert)."""
     if config.is_moe_layer(layer_idx):
-        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
-                              config.moe_intermediate_size, config.norm_topk_prob,
-                              config.shared_expert_intermediate_size)
+        block = SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                               config.moe_intermediate_size, config.norm_topk_prob,
+                               config.shared_expert_intermediate_size)
+        block.fold_topk_sum = True
+        return block
     return SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
 
@@ -39,8 +47,9 @@ class Qwen3MoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | TopKPartials, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor | TopKPartials, torch.Tensor]:
+        """(FFN output, residual) for the next layer's input_layernorm to add (see the module docstring)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:

@@ -3,7 +3,9 @@
 `layer_types[i]` picks the mixer: `linear_attention` -> `linear_attn` (Gated DeltaNet),
 `full_attention` -> `self_attn` (gated attention: sigmoid output gate from q_proj, partial RoPE on
 the first 25% of each head). All norms except the DeltaNet output norm are zero-centred RMSNorms
-(`y = x̂ (1 + w)`). Every FFN is the sparse MoE plus the sigmoid-gated shared expert.
+(`y = x̂ (1 + w)`). Every FFN is the sparse MoE plus the sigmoid-gated shared expert: with the
+shared expert added to its sum, the MoE block always returns [N, H] (no `TopKPartials`); the layer
+returns it with the residual for the next norm to add, as in `qwen3_moe`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from qwen3coder.models.base import CausalLM, DecoderModel
 from qwen3coder.models.context import ForwardContext
 from qwen3coder.models.layers.attention import Qwen3Attention
 from qwen3coder.models.layers.deltanet import GatedDeltaNet
+from qwen3coder.models.layers.moe import TopKPartials
 from qwen3coder.models.layers.norms import RMSNorm
 from qwen3coder.models.layers.rotary import RotaryEmbedding
 from qwen3coder.models.qwen3_moe import build_ffn
@@ -40,8 +43,9 @@ class Qwen3NextDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=True)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=True)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | TopKPartials, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor | TopKPartials, torch.Tensor]:
+        """(FFN output, residual) for the next layer's input_layernorm to add."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:

@@ -125,9 +125,13 @@ def _top_k(model: nn.Module) -> int:
 
 
 def _experts_forward(module: Experts, fn: MoeFn, x: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, align: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """`Experts.forward` through `fn`; a precomputed alignment (fused routing, int32 ids) is not used."""
-    return fn(x, module.gate_up_proj, module.down_proj, topk_weights, topk_ids.long())
+                     topk_ids: torch.Tensor, align: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     reduce: bool = True) -> torch.Tensor:
+    """`Experts.forward` through `fn`; a precomputed alignment (fused routing, int32 ids) is not used.
+    `reduce=False` (asked on the Triton path, e.g. evaluation under no_grad) returns the sum as one
+    partial [N, 1, H], as `Experts.forward` does off the fused kernel."""
+    out = fn(x, module.gate_up_proj, module.down_proj, topk_weights, topk_ids.long())
+    return out if reduce else out.unsqueeze(1)
 
 
 def router_logits(model: nn.Module) -> list[torch.Tensor]:

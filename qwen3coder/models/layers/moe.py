@@ -10,9 +10,18 @@ into it at load time. Qwen3-Next adds an always-on shared expert scaled by `sigm
 `qwen3coder.kernels` holds the fused Triton versions checked against it. On the Triton path, small
 batches (decode) route and align in one kernel (`kernels.moe_routing.fused_route_align`) whose
 expert-grouped layout goes straight to `fused_moe`; larger batches and training use `route`.
+
+Output contract: `SparseMoeBlock.forward` returns the [N, H] sum, except when its `fold_topk_sum` is
+set (the decoder layers set it: their FFN output goes only to the next `RMSNorm(hidden, residual)`),
+the Triton path runs and there is no shared expert (Qwen3-MoE): then it returns `TopKPartials`, the
+unsummed weighted expert outputs [N, K, H], and the next norm's fused add+RMSNorm kernel does the
+top-k sum. The reference (PyTorch) path and Qwen3-Next (the shared expert is added to the sum) always
+return [N, H].
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +65,25 @@ def moe_forward_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     return out
 
 
+@dataclass(frozen=True)
+class TopKPartials:
+    """A MoE layer's output left unsummed: `partials [N, K, H]`, whose sum over K (fp32 accumulation,
+    rounded once to the activation dtype) is the layer's output [N, H]. K is the top-k from
+    `fused_moe`, or 1 where the experts compute the sum themselves (`Experts.forward(reduce=False)`
+    off the Triton kernels, e.g. a training dispatch run under no_grad).
+
+    A distinct type rather than a bare 3-D tensor, so that it cannot be mistaken for hidden states:
+    only `RMSNorm.forward(x, residual)` accepts it (its Triton kernel sums the partials as it adds the
+    residual); anything else must call `reduce()`.
+    """
+
+    partials: torch.Tensor
+
+    def reduce(self) -> torch.Tensor:
+        """The [N, H] sum: fp32 accumulation, one rounding (torch's `.sum` for bf16 / fp16)."""
+        return self.partials.sum(dim=1)
+
+
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -64,16 +92,20 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                align: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """`align`: (sorted_ids, block_expert) of `moe_align(topk_ids, E, moe_block_m(pairs))` when the
+                align: tuple[torch.Tensor, torch.Tensor] | None = None, reduce: bool = True) -> torch.Tensor:
+        """Σ_k w_k · Expert_{id_k}(x) [N, H]; `reduce=False`: partials [N, K', H] summing to it — the
+        K = top_k weighted expert outputs on the Triton path, the sum itself as K' = 1 elsewhere.
+
+        `align`: (sorted_ids, block_expert) of `moe_align(topk_ids, E, moe_block_m(pairs))` when the
         caller already has them (fused routing); only the Triton path uses them."""
         if use_triton(x):
             from qwen3coder.kernels.fused_moe import fused_moe, moe_block_m
 
             sorted_ids, block_expert = align if align is not None else (None, None)
             return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
-                             moe_block_m(topk_ids.numel()), sorted_ids, block_expert)
-        return moe_forward_reference(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+                             moe_block_m(topk_ids.numel()), sorted_ids, block_expert, reduce=reduce)
+        out = moe_forward_reference(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+        return out if reduce else out.unsqueeze(1)
 
 
 class SparseMoeBlock(nn.Module):
@@ -89,22 +121,32 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.router_logits: torch.Tensor | None = None  # kept when `keep_router_logits` (training)
         self.keep_router_logits = False
+        # True where the output goes only to the next RMSNorm(hidden, residual) (decoder layers):
+        # the Triton path may then return TopKPartials (see the module docstring)
+        self.fold_topk_sum = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | TopKPartials:
+        """x [N, H] -> the MoE output [N, H], or `TopKPartials` [N, K, H] when `fold_topk_sum` is set,
+        the Triton path runs and there is no shared expert."""
         router_logits = self.gate(x)
         if self.keep_router_logits:
             self.router_logits = router_logits
-        out = self._fused_routing_experts(x, router_logits) if use_triton(x) else None
+        fast = use_triton(x)
+        reduce = not (fast and self.fold_topk_sum and self.shared_expert is None)
+        out = self._fused_routing_experts(x, router_logits, reduce) if fast else None
         if out is None:
             topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob, x.dtype)
-            out = self.experts(x, topk_weights, topk_ids)
+            out = self.experts(x, topk_weights, topk_ids, reduce=reduce)
+        if not reduce:
+            return TopKPartials(out)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
-    def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor | None:
-        """The experts' output with routing + alignment in one kernel, or None where the batch is too
-        large for it (one program; decode-sized batches only)."""
+    def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor, reduce: bool = True
+                               ) -> torch.Tensor | None:
+        """The experts' output (partials when not `reduce`) with routing + alignment in one kernel, or
+        None where the batch is too large for it (one program; decode-sized batches only)."""
         from qwen3coder.kernels.fused_moe import moe_block_m
         from qwen3coder.kernels.moe_routing import fused_route_align, fused_routing_fits
 
@@ -112,4 +154,4 @@ class SparseMoeBlock(nn.Module):
         if not fused_routing_fits(n, num_experts, self.top_k):
             return None
         r = fused_route_align(router_logits, self.top_k, self.norm_topk_prob, moe_block_m(n * self.top_k), x.dtype)
-        return self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert))
+        return self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert), reduce=reduce)

@@ -6,7 +6,9 @@
 * `RMSNormGated` — the Gated DeltaNet output norm: normalise, scale, then multiply by `silu(z)`.
 
 `forward(x, residual)` fuses the residual add of the pre-norm decoder (vLLM's pattern): it returns
-`(norm(x + residual), x + residual)`; the sum is the same one transformers computes.
+`(norm(x + residual), x + residual)`; the sum is the same one transformers computes. `x` may be a
+MoE layer's `TopKPartials` (Triton path only, see `qwen3coder.models.layers.moe`): the fused kernel
+then also sums the top-k partials, so `x + residual` is `partials.sum(1) + residual`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3coder.kernels import use_triton
+from qwen3coder.models.layers.moe import TopKPartials
 
 
 class RMSNorm(nn.Module):
@@ -32,7 +35,12 @@ class RMSNorm(nn.Module):
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor | TopKPartials, residual: torch.Tensor | None = None):
+        """norm(x), or (norm(x + residual), x + residual) when a residual is given. `TopKPartials`
+        (always with a residual) are summed first: in the kernel, or by `reduce()` off the Triton path."""
+        if isinstance(x, TopKPartials):
+            assert residual is not None, "MoE partials are only ever added to a residual"
+            x = x.partials if use_triton(x.partials) else x.reduce()  # [N, K, H]: the kernel sums them
         if use_triton(x):
             from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm
 

@@ -1,10 +1,15 @@
-"""`qwen3coder bench` on the tiny preset (CPU smoke run): every scenario runs and the JSON is complete."""
+"""`qwen3coder bench` on the tiny preset (CPU smoke run): every scenario runs and the JSON is complete;
+the kernel-family names of the profiler; the CPU mode of benchmarks/bench_qk_norm_rope.py."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from qwen3coder.bench.profile import family_of
 
@@ -40,3 +45,24 @@ def test_kernel_families():
     assert family_of("nvjet_tst_128x64_64x4_1x1_v_bz_coopA_NTN") == "gemm"
     assert family_of("void at::native::sbtopk::gatherTopK<float>") == "moe_routing"
     assert family_of("_add_rmsnorm_kernel") == "norm"
+
+
+def test_bench_qk_norm_rope_cpu_smoke(tmp_path):
+    """benchmarks/bench_qk_norm_rope.py in its CPU mode (Triton's interpreter, two token counts, a
+    two-tile sweep): it runs, the fused kernel agrees with the unfused path, the JSON is complete."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_qk_norm_rope.py"), "--device", "cpu",
+                        "--quick", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       cwd=root, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (path,) = tmp_path.glob("qk_norm_rope_30b-a3b-*.json")
+    record = json.loads(path.read_text())
+    assert record["shape"]["heads"] == 32 and set(record["metrics"]) == {"n1", "n3"}
+    for row in record["metrics"].values():
+        assert row["launch"] == "t1h1k1w1"
+        assert row["max_abs_diff_q"] <= 2e-3 and row["max_abs_diff_kv"] <= 2e-3  # fp16: an ulp or two
+        for key in ("fused_us", "fused_per_row_us", "unfused_us"):
+            assert row[key] > 0
+        assert set(row["sweep_us"]) == {"t8h4k4w8", "t16h4k4w8"}

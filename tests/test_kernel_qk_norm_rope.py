@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import qwen3coder.kernels.qk_norm_rope as qk_norm_rope_mod  # noqa: E402
 import qwen3coder.models.layers.attention as attention_mod  # noqa: E402
 from qwen3coder.config import ModelConfig, RopeConfig  # noqa: E402
-from qwen3coder.kernels.qk_norm_rope import fused_qk_norm_rope_store  # noqa: E402
+from qwen3coder.kernels.qk_norm_rope import QKRopeLaunch, fused_qk_norm_rope_store, launch_config  # noqa: E402
 from qwen3coder.models import build_model  # noqa: E402
 from qwen3coder.models.cache import allocate_kv_cache, allocate_state_cache  # noqa: E402
 from qwen3coder.models.context import ForwardContext  # noqa: E402
@@ -43,9 +43,11 @@ CONFIGS = {
 
 
 def _setup(hq: int, hk: int, d: int, rope: RopeConfig, zero_centered: bool, gated: bool, n: int,
-           dtype: torch.dtype, seed: int = 0, num_blocks: int = 12, block_size: int = 4):
-    """Random qkv projection output, norm weights, rotary, positions, caches and slots (some -1)."""
+           dtype: torch.dtype, seed: int = 0, num_blocks: int | None = None, block_size: int = 4):
+    """Random qkv projection output, norm weights, rotary, positions, caches and slots (every third
+    -1; by default the cache has a few more slots than tokens, so some slots stay untouched)."""
     g = torch.Generator().manual_seed(seed)
+    num_blocks = num_blocks or max(12, -(-n // block_size) + 4)
     q_size, kv = hq * d * (2 if gated else 1), hk * d
     qkv = (torch.randn(n, q_size + 2 * kv, generator=g) * 2.0).to(DEV, dtype)
     q_norm, k_norm = RMSNorm(d, 1e-6, zero_centered), RMSNorm(d, 1e-6, zero_centered)
@@ -79,10 +81,11 @@ def _reference(q, k, v, q_norm, k_norm, rotary, positions, k_cache, v_cache, slo
     return qr
 
 
-def _fused(q, k, v, q_norm, k_norm, rotary, positions, k_cache, v_cache, slots):
+def _fused(q, k, v, q_norm, k_norm, rotary, positions, k_cache, v_cache, slots, launch=None):
     cos, sin = rotary.step_cos_sin(positions, q.dtype)
     return fused_qk_norm_rope_store(q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin,
-                                    k_cache, v_cache, slots, zero_centered=q_norm.zero_centered)
+                                    k_cache, v_cache, slots, zero_centered=q_norm.zero_centered,
+                                    launch=launch)
 
 
 def _assert_ulp_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -97,21 +100,54 @@ def _assert_ulp_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
         assert (diff == 0).float().mean().item() >= 0.98
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [1, 3, 17])
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_fused_prologue_matches_unfused(name, n, dtype):
+def _launch_id(launch: QKRopeLaunch | None) -> str:
+    return "auto" if launch is None else "t{}h{}k{}w{}".format(*launch)
+
+
+def _check(name: str, n: int, dtype: torch.dtype, launch: QKRopeLaunch | None = None) -> None:
+    """Fused (with `launch`, else the automatic tile) against the unfused path: q, both caches."""
     hq, hk, d, rope, zc, gated = CONFIGS[name]
     qkv, q_norm, k_norm, rotary, positions, k_cache, v_cache, slots = _setup(hq, hk, d, rope, zc, gated, n, dtype)
     q, k, v = _split(qkv, hq, hk, d, gated)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     expected = _reference(q, k, v, q_norm, k_norm, rotary, positions, k_ref, v_ref, slots)
-    got = _fused(q, k, v, q_norm, k_norm, rotary, positions, k_cache, v_cache, slots)
+    got = _fused(q, k, v, q_norm, k_norm, rotary, positions, k_cache, v_cache, slots, launch)
     assert got.shape == (n, hq, d) and got.is_contiguous()
     _assert_ulp_close(got, expected, dtype)
-    _assert_ulp_close(k_cache, k_ref, dtype)  # padding rows (-1) left the cache untouched
+    _assert_ulp_close(k_cache, k_ref, dtype)  # padding rows (-1) and unused slots left untouched
     assert torch.equal(v_cache, v_ref)
+
+
+def test_launch_config_tiles():
+    """Decode-sized steps keep a program per (token, head); prefill steps take ~4K-element tiles."""
+    assert launch_config(1, 32, 4, 128) == (1, 1, 1, 1)
+    assert launch_config(16, 32, 4, 128) == (1, 1, 1, 1)
+    assert launch_config(17, 32, 4, 128) == (4, 1, 1, 1)
+    assert launch_config(64, 32, 4, 128) == (4, 1, 1, 1)
+    assert launch_config(100, 32, 4, 128) == (32, 1, 1, 8)
+    assert launch_config(2048, 32, 4, 128) == (32, 1, 1, 8)
+    assert launch_config(8192, 32, 4, 128) == (8, 4, 4, 8)
+    assert launch_config(8192, 16, 2, 256) == (4, 4, 2, 8)  # Qwen3-Next: 2 KV heads per group
+    assert launch_config(100, 4, 1, 48) == (64, 1, 1, 8)  # head_dim 48: BLOCK_D 64
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 3, 17, 100])  # tiles of 1, 1, 4 (tail 1) and 64 tokens (tail 36)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fused_prologue_matches_unfused(name, n, dtype):
+    _check(name, n, dtype)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("launch", [QKRopeLaunch(2, 2, 2, 1), QKRopeLaunch(8, 4, 4, 4), QKRopeLaunch(4, 8, 2, 2),
+                                    QKRopeLaunch(16, 2, 1, 2)], ids=_launch_id)
+@pytest.mark.parametrize("name", ["qwen3", "next-d48"])
+def test_fused_prologue_head_groups(name, launch, dtype):
+    """Explicit tiles, prefill's head groups among them, at a token count none divides: masked tail
+    tiles and head groups past Hq / Hk (`next-d48` has 2 query heads and 1 KV head)."""
+    _check(name, 37, dtype, launch)
 
 
 # ------------------------------------------------------------------ the model with the fused path
@@ -190,20 +226,24 @@ def test_model_decode_with_fused_prologue(next_, monkeypatch):
 
 @pytest.mark.gpu
 @torch.no_grad()
-@pytest.mark.parametrize("n", [1, 8, 64])
+@pytest.mark.parametrize("n,launch", [(1, None), (8, None), (64, None), (333, None), (4099, None),
+                                      (333, QKRopeLaunch(1, 1, 1, 4)), (333, QKRopeLaunch(64, 1, 1, 8)),
+                                      (333, QKRopeLaunch(16, 2, 2, 8)), (333, QKRopeLaunch(2, 8, 4, 8))],
+                         ids=lambda x: _launch_id(x) if x is None or isinstance(x, tuple) else str(x))
 @pytest.mark.parametrize("shape", ["30b-a3b", "next-80b-a3b"])
-def test_fused_prologue_real_shapes_bf16(shape, n):
+def test_fused_prologue_real_shapes_bf16(shape, n, launch):
     """Qwen3-Coder-30B-A3B (32/4 heads, head_dim 128, full rotary) and Qwen3-Coder-Next (16/2 heads,
-    head_dim 256, rotary 64, gated q, zero-centred norm) in bfloat16 on the GPU."""
+    head_dim 256, rotary 64, gated q, zero-centred norm) in bfloat16 on the GPU: decode and prefill
+    token counts (tail tiles), the automatic tile and a few explicit ones."""
     cfg = ModelConfig.preset(shape)
     gated = zc = cfg.model_type == "qwen3_next"
     hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     qkv, q_norm, k_norm, rotary, positions, k_cache, v_cache, slots = _setup(
-        hq, hk, d, cfg.rope, zc, gated, n, torch.bfloat16, num_blocks=64, block_size=16)
+        hq, hk, d, cfg.rope, zc, gated, n, torch.bfloat16, block_size=16)
     q, k, v = _split(qkv, hq, hk, d, gated)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     expected = _reference(q, k, v, q_norm, k_norm, rotary, positions, k_ref, v_ref, slots)
-    got = _fused(q, k, v, q_norm, k_norm, rotary, positions, k_cache, v_cache, slots)
+    got = _fused(q, k, v, q_norm, k_norm, rotary, positions, k_cache, v_cache, slots, launch)
     _assert_ulp_close(got, expected, torch.bfloat16)
     _assert_ulp_close(k_cache, k_ref, torch.bfloat16)
     assert torch.equal(v_cache, v_ref)

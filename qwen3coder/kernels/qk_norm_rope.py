@@ -2,10 +2,19 @@
 
 `fused_qk_norm_rope_store(q, k, v, ...)` replaces, for a step that uses the KV cache, the unfused
 sequence of `Qwen3Attention.forward` (q/k/v split copies, `q_norm`, `k_norm`, RoPE on q and on k,
-`store_kv`): one program per (token, head) over the `Hq` query heads and then the `Hk` KV heads.
-A query program normalises its head's row, rotates it and writes it to a contiguous `q [N, Hq, D]`;
-a KV program does the same to the key row and writes it, with the value row unchanged, into the
-paged cache at `slot_mapping[token]` (slots < 0 are skipped, as in `store_kv`).
+`store_kv`). A program owns a tile of `BLOCK_T` tokens × a group of heads, `[BLOCK_T, heads,
+BLOCK_D]`: the query-head groups first (`Q_HEADS` heads each), then the KV-head groups (`KV_HEADS`
+each); the tail tile and the heads past `Hq`/`Hk` are masked. A query program normalises its rows,
+rotates them and writes them to a contiguous `q [N, Hq, D]`; a KV program does the same to the key
+rows and writes them, with the value rows unchanged, into the paged cache at `slot_mapping[token]`
+(slots < 0 are skipped, as in `store_kv`). The step's cos/sin rows and the norm weights are loaded
+once per program and shared by its heads.
+
+The tile shape comes from the token count (`launch_config`, host shapes only, so a captured CUDA
+graph replays the same grid; nothing syncs with the host): decode-sized steps keep a program per
+(token, head), as many programs as possible for a latency-bound launch; prefill steps take tiles
+of ~4K elements (e.g. 8 tokens × 4 heads at head_dim 128), to cut the per-program overhead and the
+re-reads of cos/sin (once per head group, not per head) in a bandwidth-bound launch.
 
 The inputs may be strided views of the packed `qkv_proj` output — for Qwen3-Next's gated attention
 `q` is the `[N, Hq, D]` view whose head stride is `2 * D` (query and gate interleaved per head).
@@ -15,11 +24,14 @@ RMSNorm in fp32 (`sum(x²) / D`, `rsqrt`, as `qwen3coder.kernels.rmsnorm`), then
 NeoX rotate-half layout on the first `rotary_dim` channels, each product and the sum rounded to the
 activation dtype as the eager `x * cos + rotate_half(x) * sin` does. `cos`/`sin` are the step's
 prepared rows `[N, rotary_dim]` (`RotaryEmbedding.step_cos_sin`); channels past `rotary_dim` pass
-through. The rotate-half partner of channel `d` is loaded directly (`d ± rotary_dim/2`), so no
-in-register shuffles are needed.
+through. The rotate-half partner of channel `d` is loaded directly (`d ± rotary_dim/2`: a second
+read of rows the program has just read, so it comes from cache), so no in-register shuffles are
+needed; the partner offsets carry contiguity hints so that this load can vectorise like the first.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -29,63 +41,115 @@ try:
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
+
+class QKRopeLaunch(NamedTuple):
+    """Tile of one program: `block_t` tokens × `q_heads` query heads (or `kv_heads` KV heads), all
+    powers of two, and the warps that run it."""
+
+    block_t: int
+    q_heads: int
+    kv_heads: int
+    num_warps: int
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def launch_config(n: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> QKRopeLaunch:
+    """The tile for `n` tokens (host shapes only). Up to 16 tokens: one (token, head) per program, the
+    grid of the launch before tiling (decode: many small programs). Up to 64: 4 tokens × 1 head.
+    Beyond: ~4K-element tiles, 1 head × up to 64 tokens through 2,048 tokens, then 4 heads × fewer
+    tokens (cos/sin and the weights read once per 4 heads). Warps: one per 512 tile elements (16 per
+    thread), at least 1 and at most 8. A first guess: `benchmarks/bench_qk_norm_rope.py` sweeps tiles."""
+    block_d = _pow2(head_dim)
+    if n <= 16:
+        block_t, heads = 1, 1
+    elif n <= 64:
+        block_t, heads = 4, 1
+    else:
+        heads = 4 if n > 2048 else 1
+        block_t = max(1, min(64, 4096 // (block_d * heads)))
+    q_heads, kv_heads = min(heads, _pow2(num_q_heads)), min(heads, _pow2(num_kv_heads))
+    num_warps = max(1, min(8, block_t * max(q_heads, kv_heads) * block_d // 512))
+    return QKRopeLaunch(block_t, q_heads, kv_heads, num_warps)
+
+
 if triton is not None:
 
     @triton.jit
-    def _norm_rope_row(row_ptr, w_ptr, cos_ptr, sin_ptr, eps, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
-                       BLOCK_D: tl.constexpr, ZERO_CENTERED: tl.constexpr):
-        """One head's row (unit channel stride at `row_ptr`) -> RMSNorm then RoPE, in the row's dtype."""
+    def _norm_rope_tile(rows, row_mask, w_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
+                        BLOCK_D: tl.constexpr, HALF_ALIGN: tl.constexpr, ZERO_CENTERED: tl.constexpr):
+        """Rows `[BLOCK_T, BLOCK_H, 1]` (pointers to channel 0; unit channel stride), `row_mask` alike;
+        cos/sin `[BLOCK_T, 1, BLOCK_D]` fp32 (0 past ROT_DIM) -> RMSNorm then RoPE, in the rows' dtype."""
         d = tl.arange(0, BLOCK_D)
         d_mask = d < HEAD_DIM
-        x = tl.load(row_ptr + d, mask=d_mask, other=0.0)
-        xf = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / HEAD_DIM + eps)
-        w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-        # rotate-half partner: d + R/2 in the first half (negated), d - R/2 in the second
+        # rotate-half partner: d + R/2 in the first half (negated), d - R/2 in the second; contiguous
+        # in aligned runs of HALF_ALIGN channels (a power of two dividing R/2), so loads vectorise
         rot = d < ROT_DIM
         first = d < ROT_DIM // 2
         partner = tl.where(first, d + ROT_DIM // 2, d - ROT_DIM // 2)
-        xp = tl.load(row_ptr + partner, mask=rot, other=0.0).to(tl.float32)
-        wp = tl.load(w_ptr + partner, mask=rot, other=0.0).to(tl.float32)
+        partner = tl.max_contiguous(tl.multiple_of(partner, HALF_ALIGN), HALF_ALIGN)
+        w = tl.load(w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, None, :]
+        wp = tl.load(w_ptr + partner, mask=rot, other=0.0).to(tl.float32)[None, None, :]
+        x = tl.load(rows + d[None, None, :], mask=row_mask & d_mask[None, None, :], other=0.0)
+        xp = tl.load(rows + partner[None, None, :], mask=row_mask & rot[None, None, :], other=0.0).to(tl.float32)
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=2) / HEAD_DIM + eps)[:, :, None]
         if ZERO_CENTERED:
             y = (xf * rstd * (1.0 + w)).to(x.dtype).to(tl.float32)
             yp = (xp * rstd * (1.0 + wp)).to(x.dtype).to(tl.float32)
         else:
             y = (w * (xf * rstd).to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
             yp = (wp * (xp * rstd).to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
-        c = tl.load(cos_ptr + d, mask=rot, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + d, mask=rot, other=0.0).to(tl.float32)
-        a = (y * c).to(x.dtype).to(tl.float32)
-        b = (yp * s).to(x.dtype).to(tl.float32)
-        roped = (a + tl.where(first, -b, b)).to(x.dtype)
-        return tl.where(rot, roped, y.to(x.dtype))
+        a = (y * cos).to(x.dtype).to(tl.float32)
+        b = (yp * sin).to(x.dtype).to(tl.float32)
+        roped = (a + tl.where(first[None, None, :], -b, b)).to(x.dtype)
+        return tl.where(rot[None, None, :], roped, y.to(x.dtype))
 
     @triton.jit
     def _qk_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, slot_ptr,
-                                   q_out_ptr, k_cache_ptr, v_cache_ptr, eps, num_q_heads,
+                                   q_out_ptr, k_cache_ptr, v_cache_ptr, eps, num_tokens, num_q_heads,
+                                   num_kv_heads, num_q_groups,
                                    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                                    stride_cos, stride_sin, stride_on, stride_oh, stride_cs, stride_ch,
                                    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                   ZERO_CENTERED: tl.constexpr):
-        """Program (token, head): heads [0, Hq) are query heads, [Hq, Hq + Hk) KV heads."""
-        tok = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
+                                   BLOCK_T: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                                   HALF_ALIGN: tl.constexpr, ZERO_CENTERED: tl.constexpr):
+        """Program (token tile, head group): groups [0, num_q_groups) take Q_HEADS query heads each, the
+        rest KV_HEADS KV heads each, over the tile's BLOCK_T tokens (tail tile and heads masked)."""
+        tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = tok < num_tokens
+        tok = tok.to(tl.int64)
+        group = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
-        d_mask = d < HEAD_DIM
-        cos_row = cos_ptr + tok * stride_cos
-        sin_row = sin_ptr + tok * stride_sin
-        if head < num_q_heads:
-            y = _norm_rope_row(q_ptr + tok * stride_qn + head * stride_qh, q_w_ptr, cos_row, sin_row, eps,
-                               HEAD_DIM, ROT_DIM, BLOCK_D, ZERO_CENTERED)
-            tl.store(q_out_ptr + tok * stride_on + head * stride_oh + d, y, mask=d_mask)
+        d3 = d[None, None, :]
+        rot = d < ROT_DIM
+        cs_mask = t_mask[:, None] & rot[None, :]
+        cos = tl.load(cos_ptr + tok[:, None] * stride_cos + d[None, :], mask=cs_mask, other=0.0)
+        sin = tl.load(sin_ptr + tok[:, None] * stride_sin + d[None, :], mask=cs_mask, other=0.0)
+        cos = cos.to(tl.float32)[:, None, :]
+        sin = sin.to(tl.float32)[:, None, :]
+        if group < num_q_groups:
+            head = group * Q_HEADS + tl.arange(0, Q_HEADS)
+            row_mask = (t_mask[:, None] & (head < num_q_heads)[None, :])[:, :, None]
+            rows = q_ptr + (tok[:, None] * stride_qn + head[None, :] * stride_qh)[:, :, None]
+            y = _norm_rope_tile(rows, row_mask, q_w_ptr, cos, sin, eps, HEAD_DIM, ROT_DIM, BLOCK_D,
+                                HALF_ALIGN, ZERO_CENTERED)
+            dst = q_out_ptr + (tok[:, None] * stride_on + head[None, :] * stride_oh)[:, :, None] + d3
+            tl.store(dst, y, mask=row_mask & (d3 < HEAD_DIM))
         else:
-            kvh = head - num_q_heads
-            y = _norm_rope_row(k_ptr + tok * stride_kn + kvh * stride_kh, k_w_ptr, cos_row, sin_row, eps,
-                               HEAD_DIM, ROT_DIM, BLOCK_D, ZERO_CENTERED)
-            v = tl.load(v_ptr + tok * stride_vn + kvh * stride_vh + d, mask=d_mask, other=0.0)
-            slot = tl.load(slot_ptr + tok).to(tl.int64)
-            keep = d_mask & (slot >= 0)
-            dst = slot * stride_cs + kvh * stride_ch + d
+            head = (group - num_q_groups) * KV_HEADS + tl.arange(0, KV_HEADS)
+            row_mask = (t_mask[:, None] & (head < num_kv_heads)[None, :])[:, :, None]
+            rows = k_ptr + (tok[:, None] * stride_kn + head[None, :] * stride_kh)[:, :, None]
+            y = _norm_rope_tile(rows, row_mask, k_w_ptr, cos, sin, eps, HEAD_DIM, ROT_DIM, BLOCK_D,
+                                HALF_ALIGN, ZERO_CENTERED)
+            v_rows = v_ptr + (tok[:, None] * stride_vn + head[None, :] * stride_vh)[:, :, None]
+            keep = row_mask & (d3 < HEAD_DIM)
+            v = tl.load(v_rows + d3, mask=keep, other=0.0)
+            slot = tl.load(slot_ptr + tok, mask=t_mask, other=-1).to(tl.int64)
+            keep = keep & (slot >= 0)[:, None, None]
+            dst = (slot[:, None] * stride_cs + head[None, :] * stride_ch)[:, :, None] + d3
             tl.store(k_cache_ptr + dst, y.to(k_cache_ptr.dtype.element_ty), mask=keep)
             tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=keep)
 
@@ -93,14 +157,16 @@ if triton is not None:
 def fused_qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
                              k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                              k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                             zero_centered: bool = False) -> torch.Tensor:
+                             zero_centered: bool = False, launch: QKRopeLaunch | None = None) -> torch.Tensor:
     """Normalise and rotate q and k, store k and v in the paged cache; returns q `[N, Hq, D]` (contiguous).
 
     q `[N, Hq, D]`, k and v `[N, Hk, D]`: any token and head strides, unit channel stride (views of
     the `qkv_proj` output). `q_weight`/`k_weight` `[D]`: the `q_norm`/`k_norm` weights (offsets from 1
     with `zero_centered`). `cos`/`sin` `[N, rotary_dim]` in q's dtype, `rotary_dim` even and
     <= D. Caches `[num_blocks, block_size, Hk, D]`; `slot_mapping [N]`: flat slot of each token's key
-    and value, < 0 to skip. Launch: grid `(N, Hq + Hk)`; no host synchronisation (CUDA-graph safe).
+    and value, < 0 to skip. `launch` overrides `launch_config(N, Hq, Hk, D)` (tests, sweeps). Grid
+    `(cdiv(N, block_t), cdiv(Hq, q_heads) + cdiv(Hk, kv_heads))`; no host synchronisation (CUDA-graph
+    safe).
     """
     assert triton is not None, "triton is not installed"
     n, num_q_heads, head_dim = q.shape
@@ -114,13 +180,21 @@ def fused_qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     assert k_cache.stride(3) == 1 and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), \
         "cache blocks must be laid out slot after slot"
     assert slot_mapping.shape == (n,)
+    cfg = launch or launch_config(n, num_q_heads, num_kv_heads, head_dim)
+    assert all(x > 0 and x & (x - 1) == 0 for x in cfg[:3]), cfg
     q_out = torch.empty(n, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
     if n == 0:
         return q_out
-    _qk_norm_rope_store_kernel[(n, num_q_heads + num_kv_heads)](
-        q, k, v, q_weight, k_weight, cos, sin, slot_mapping, q_out, k_cache, v_cache, eps, num_q_heads,
+    half = rot_dim // 2
+    half_align = min(16, half & -half)  # largest power of two dividing rotary_dim / 2, capped
+    num_q_groups = triton.cdiv(num_q_heads, cfg.q_heads)
+    grid = (triton.cdiv(n, cfg.block_t), num_q_groups + triton.cdiv(num_kv_heads, cfg.kv_heads))
+    _qk_norm_rope_store_kernel[grid](
+        q, k, v, q_weight, k_weight, cos, sin, slot_mapping, q_out, k_cache, v_cache, eps, n, num_q_heads,
+        num_kv_heads, num_q_groups,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(1), k_cache.stride(2),
-        HEAD_DIM=head_dim, ROT_DIM=rot_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        ZERO_CENTERED=zero_centered)
+        HEAD_DIM=head_dim, ROT_DIM=rot_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=cfg.block_t,
+        Q_HEADS=cfg.q_heads, KV_HEADS=cfg.kv_heads, HALF_ALIGN=half_align, ZERO_CENTERED=zero_centered,
+        num_warps=cfg.num_warps)
     return q_out

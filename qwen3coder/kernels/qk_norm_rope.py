@@ -136,22 +136,22 @@ if triton is not None:
             rows = q_ptr + (tok[:, None] * stride_qn + head[None, :] * stride_qh)[:, :, None]
             y = _norm_rope_tile(rows, row_mask, q_w_ptr, cos, sin, eps, HEAD_DIM, ROT_DIM, BLOCK_D,
                                 HALF_ALIGN, ZERO_CENTERED)
-            dst = q_out_ptr + (tok[:, None] * stride_on + head[None, :] * stride_oh)[:, :, None] + d3
-            tl.store(dst, y, mask=row_mask & (d3 < HEAD_DIM))
+            q_dst = q_out_ptr + (tok[:, None] * stride_on + head[None, :] * stride_oh)[:, :, None] + d3
+            tl.store(q_dst, y, mask=row_mask & (d3 < HEAD_DIM))
         else:
-            head = (group - num_q_groups) * KV_HEADS + tl.arange(0, KV_HEADS)
-            row_mask = (t_mask[:, None] & (head < num_kv_heads)[None, :])[:, :, None]
-            rows = k_ptr + (tok[:, None] * stride_kn + head[None, :] * stride_kh)[:, :, None]
-            y = _norm_rope_tile(rows, row_mask, k_w_ptr, cos, sin, eps, HEAD_DIM, ROT_DIM, BLOCK_D,
+            kv_head = (group - num_q_groups) * KV_HEADS + tl.arange(0, KV_HEADS)
+            kv_mask = (t_mask[:, None] & (kv_head < num_kv_heads)[None, :])[:, :, None]
+            k_rows = k_ptr + (tok[:, None] * stride_kn + kv_head[None, :] * stride_kh)[:, :, None]
+            k_y = _norm_rope_tile(k_rows, kv_mask, k_w_ptr, cos, sin, eps, HEAD_DIM, ROT_DIM, BLOCK_D,
                                 HALF_ALIGN, ZERO_CENTERED)
-            v_rows = v_ptr + (tok[:, None] * stride_vn + head[None, :] * stride_vh)[:, :, None]
-            keep = row_mask & (d3 < HEAD_DIM)
+            v_rows = v_ptr + (tok[:, None] * stride_vn + kv_head[None, :] * stride_vh)[:, :, None]
+            keep = kv_mask & (d3 < HEAD_DIM)
             v = tl.load(v_rows + d3, mask=keep, other=0.0)
             slot = tl.load(slot_ptr + tok, mask=t_mask, other=-1).to(tl.int64)
             keep = keep & (slot >= 0)[:, None, None]
-            dst = (slot[:, None] * stride_cs + head[None, :] * stride_ch)[:, :, None] + d3
-            tl.store(k_cache_ptr + dst, y.to(k_cache_ptr.dtype.element_ty), mask=keep)
-            tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=keep)
+            kv_off = (slot[:, None] * stride_cs + kv_head[None, :] * stride_ch)[:, :, None] + d3
+            tl.store(k_cache_ptr + kv_off, k_y.to(k_cache_ptr.dtype.element_ty), mask=keep)
+            tl.store(v_cache_ptr + kv_off, v.to(v_cache_ptr.dtype.element_ty), mask=keep)
 
 
 def fused_qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,

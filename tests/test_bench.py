@@ -45,6 +45,8 @@ def test_kernel_families():
     assert family_of("nvjet_tst_128x64_64x4_1x1_v_bz_coopA_NTN") == "gemm"
     assert family_of("void at::native::sbtopk::gatherTopK<float>") == "moe_routing"
     assert family_of("_add_rmsnorm_kernel") == "norm"
+    assert family_of("_skinny_gemm_kernel") == "gemm"
+    assert family_of("_skinny_gemm_reduce_kernel") == "gemm"
 
 
 def test_bench_qk_norm_rope_cpu_smoke(tmp_path):

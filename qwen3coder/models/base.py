@@ -20,6 +20,7 @@ from torch import nn
 
 from qwen3coder.config import ModelConfig
 from qwen3coder.models.context import ForwardContext
+from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.norms import RMSNorm
 
 
@@ -53,7 +54,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = model
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.fp8_weight_scales: dict[str, torch.Tensor] = {}  # filled by the loader for FP8 checkpoints

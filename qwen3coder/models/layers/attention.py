@@ -18,6 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from qwen3coder.kernels import use_triton
 from qwen3coder.models.context import ForwardContext
+from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.norms import RMSNorm
 from qwen3coder.models.layers.rotary import RotaryEmbedding
 
@@ -151,8 +152,8 @@ class Qwen3Attention(nn.Module):
         self.q_size = num_heads * head_dim * (2 if output_gate else 1)
         self.kv_size = num_kv_heads * head_dim
         # packed [q | k | v] projection; checkpoints' q_proj/k_proj/v_proj load into its shards
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=bias)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps, zero_centered=zero_centered_norm)
         self.k_norm = RMSNorm(head_dim, rms_norm_eps, zero_centered=zero_centered_norm)
         self.rotary = rotary

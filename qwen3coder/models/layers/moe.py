@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3coder.kernels import use_triton
+from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.mlp import SwiGLUMLP
 
 
@@ -113,12 +114,12 @@ class SparseMoeBlock(nn.Module):
                  norm_topk_prob: bool, shared_expert_intermediate_size: int = 0) -> None:
         super().__init__()
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router
+        self.gate = Linear(hidden_size, num_experts, bias=False)  # the router
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
         self.shared_expert = self.shared_expert_gate = None
         if shared_expert_intermediate_size > 0:
             self.shared_expert = SwiGLUMLP(hidden_size, shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(hidden_size, 1, bias=False)
         self.router_logits: torch.Tensor | None = None  # kept when `keep_router_logits` (training)
         self.keep_router_logits = False
         # True where the output goes only to the next RMSNorm(hidden, residual) (decoder layers):

@@ -1,0 +1,56 @@
+"""`Linear`: nn.Linear whose decode-sized calls on the Triton path take the skinny GEMM kernel.
+
+A drop-in subclass of `torch.nn.Linear` — same parameters (`weight [out, in]`, optional `bias`), so
+state_dict keys, checkpoint names and the weight loader are unchanged. `forward` calls
+`qwen3coder.kernels.skinny_gemm.skinny_linear` when the input is on the Triton path (`use_triton`:
+CUDA, no autograd, kernels enabled) and `use_skinny` accepts the shape (bf16/fp16, at most
+`SKINNY_MAX_M` rows, ...); everything else — prefill-sized batches, fp32, training, CPU — goes to
+`F.linear` (cuBLAS on the GPU). `QWEN3CODER_SKINNY_GEMM=0` switches the skinny path off.
+
+Quantized weights never take the skinny path: the kernel reads `weight` as bf16/fp16 values, so a
+weight stored in another dtype (FP8) or a module carrying scales (`weight_scale`,
+`weight_scale_inv`) goes to `F.linear`. (Today's loader dequantizes FP8 checkpoints to the model
+dtype at load time, so their linears hold plain bf16 weights and are eligible like any other.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3coder.kernels import use_triton
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `linear(x, weight, bias)` may take the skinny kernel: tensor checks (one half-precision
+    dtype for all three, weight unit stride along K) plus `use_skinny`'s shape policy."""
+    dtype = x.dtype
+    if dtype not in _HALF or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        return False
+    if x.dim() == 0 or weight.dim() != 2 or weight.stride(1) != 1:
+        return False
+    from qwen3coder.kernels.skinny_gemm import use_skinny
+
+    k = x.shape[-1]
+    return use_skinny(x.numel() // max(1, k), weight.shape[0], k, dtype, x.device)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through `skinny_linear` for decode-sized inputs on the Triton path."""
+    if use_triton(x) and skinny_eligible(x, weight, bias):
+        from qwen3coder.kernels.skinny_gemm import skinny_linear
+
+        return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the skinny-GEMM dispatch of `linear`; parameters and names as nn.Linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "weight_scale_inv", None) is not None or getattr(self, "weight_scale", None) is not None:
+            return F.linear(x, self.weight, self.bias)  # a quantized layer: not for the bf16 kernel
+        return linear(x, self.weight, self.bias)

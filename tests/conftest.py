@@ -66,33 +66,8 @@ def _fix_interpreter_bfloat16(interp) -> None:
     interp.InterpreterBuilder.create_dot = dot
 
 
-def _round_bf16_to_nearest_even() -> None:
-    """Triton 3.6's interpreter converts float32 -> bfloat16 by truncating the mantissa (and its
-    "round to nearest even" rounds ties up without carrying into the exponent); the GPU rounds to
-    nearest even (`cvt.rn.bf16.f32`), as torch does. Convert that one case the GPU's way, so bf16
-    kernels can be checked bit for bit on the CPU."""
-    try:
-        import numpy as np
-        import triton.language as tl
-        import triton.runtime.interpreter as interp
-    except ImportError:
-        return
-    original = interp._convert_float
-
-    def convert(input, input_dtype, output_dtype, rounding_mode):
-        if input_dtype != tl.float32 or output_dtype != tl.bfloat16:
-            return original(input, input_dtype, output_dtype, rounding_mode)
-        bits = np.ascontiguousarray(input, dtype=np.float32).view(np.uint32).astype(np.uint64)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        nan = np.isnan(np.asarray(input, dtype=np.float32))
-        return np.where(nan, ((bits >> 16) | 0x40).astype(np.uint16), rounded)  # NaN stays (quiet) NaN
-
-    interp._convert_float = convert
-
-
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_triton_interpreter()
-    _round_bf16_to_nearest_even()
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 

@@ -134,19 +134,24 @@ def test_split_layout_has_no_empty_split():
 
 # ------------------------------------------------------------------ policy and launch table
 def test_use_skinny_policy(monkeypatch):
-    cuda = torch.device("cuda")
-    assert sg.use_skinny(1, 5120, 2048, torch.bfloat16, cuda)
-    assert sg.use_skinny(16, 128, 2048, torch.float16, cuda)
-    assert not sg.use_skinny(sg.SKINNY_MAX_M + 1, 5120, 2048, torch.bfloat16, cuda)
-    assert not sg.use_skinny(0, 5120, 2048, torch.bfloat16, cuda)
-    assert not sg.use_skinny(1, 5120, 2048, torch.float32, cuda)
-    assert not sg.use_skinny(1, 5120, 2040, torch.bfloat16, cuda)  # K not a multiple of 16
-    monkeypatch.setitem(sg.TUNED, (2, 5120, 2048), None)  # a shape where cuBLAS wins
-    assert not sg.use_skinny(2, 5120, 2048, torch.bfloat16, cuda)
-    assert sg.use_skinny(1, 5120, 2048, torch.bfloat16, cuda)
+    """On CUDA only measured wins (`TUNED` entries that are not None) take the kernel; the interpreter
+    (CPU tests) also takes shapes without an entry, through the default rule."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sg.use_skinny(1, 2048, 4096, torch.bfloat16, cuda)  # o_proj: tuned win
+    assert sg.use_skinny(16, 128, 2048, torch.float16, cuda)  # router
+    assert not sg.use_skinny(1, 5120, 2048, torch.bfloat16, cuda)  # qkv: cuBLAS measured faster
+    assert not sg.use_skinny(1, 4096, 2048, torch.bfloat16, cuda)  # untuned shape: cuBLAS on a GPU
+    assert sg.use_skinny(1, 4096, 2048, torch.bfloat16, cpu) == sg._INTERPRET  # ... the default rule here
+    assert not sg.use_skinny(sg.SKINNY_MAX_M + 1, 2048, 4096, torch.bfloat16, cuda)
+    assert not sg.use_skinny(0, 2048, 4096, torch.bfloat16, cuda)
+    assert not sg.use_skinny(1, 2048, 4096, torch.float32, cuda)
+    assert not sg.use_skinny(1, 2048, 4088, torch.bfloat16, cuda)  # K not a multiple of 16
+    monkeypatch.setitem(sg.TUNED, (2, 2048, 4096), None)  # mark a shape where cuBLAS wins
+    assert not sg.use_skinny(2, 2048, 4096, torch.bfloat16, cuda)
+    assert sg.use_skinny(1, 2048, 4096, torch.bfloat16, cuda)
     sg.set_skinny_enabled(False)
     try:
-        assert not sg.use_skinny(1, 5120, 2048, torch.bfloat16, cuda)
+        assert not sg.use_skinny(1, 2048, 4096, torch.bfloat16, cuda)
     finally:
         sg.set_skinny_enabled(True)
 

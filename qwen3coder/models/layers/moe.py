@@ -7,9 +7,10 @@ fused kernels want: `experts.gate_up_proj [E, 2*I, H]` (gate rows first) and
 into it at load time. Qwen3-Next adds an always-on shared expert scaled by `sigmoid(shared_expert_gate(x))`.
 
 `moe_forward_reference` is the plain-PyTorch path (one matmul pair per expert that received tokens);
-`qwen3coder.kernels` holds the fused Triton versions checked against it. On the Triton path, small
-batches (decode) route and align in one kernel (`kernels.moe_routing.fused_route_align`) whose
-expert-grouped layout goes straight to `fused_moe`; larger batches and training use `route`.
+`qwen3coder.kernels` holds the fused Triton versions checked against it. On the Triton path routing
+and alignment are Triton kernels (`kernels.moe_routing.route_align`: one launch for decode-sized
+batches, three for prefill-sized ones) whose expert-grouped layout goes straight to `fused_moe`;
+training (autograd on) and CPU use `route` with the reference experts.
 """
 
 from __future__ import annotations
@@ -89,27 +90,27 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.router_logits: torch.Tensor | None = None  # kept when `keep_router_logits` (training)
         self.keep_router_logits = False
+        self.fused_routing = True  # Triton path: route in Triton; False: `route` + `moe_align` (benchmarks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(x)
         if self.keep_router_logits:
             self.router_logits = router_logits
-        out = self._fused_routing_experts(x, router_logits) if use_triton(x) else None
-        if out is None:
+        if self.fused_routing and use_triton(x):
+            out = self._fused_routing_experts(x, router_logits)
+        else:
             topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob, x.dtype)
             out = self.experts(x, topk_weights, topk_ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
-    def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor | None:
-        """The experts' output with routing + alignment in one kernel, or None where the batch is too
-        large for it (one program; decode-sized batches only)."""
+    def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """The experts' output with routing + alignment in Triton: one launch for decode-sized batches
+        (`fused_route_align`), three for larger ones (`tiled_route_align`)."""
         from qwen3coder.kernels.fused_moe import moe_block_m
-        from qwen3coder.kernels.moe_routing import fused_route_align, fused_routing_fits
+        from qwen3coder.kernels.moe_routing import route_align
 
-        n, num_experts = router_logits.shape
-        if not fused_routing_fits(n, num_experts, self.top_k):
-            return None
-        r = fused_route_align(router_logits, self.top_k, self.norm_topk_prob, moe_block_m(n * self.top_k), x.dtype)
+        block_m = moe_block_m(router_logits.shape[0] * self.top_k)
+        r = route_align(router_logits, self.top_k, self.norm_topk_prob, block_m, x.dtype)
         return self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert))

@@ -1,18 +1,21 @@
-"""Fused MoE routing + alignment vs the multi-kernel path, at the Qwen3-30B-A3B MoE shape (CUDA).
+"""Triton MoE routing + alignment vs `route` + `moe_align` (torch ops), at the Qwen3-30B-A3B MoE shape (CUDA).
 
-For each batch: kernels per SparseMoeBlock forward (torch.profiler, eager) and µs per forward replayed
-from a CUDA graph that holds `--layers` block forwards (as a decode step does), with the fused routing
-and with `route` + `moe_align` (the path larger batches take). Also routing alone (48 calls per graph).
+Decode batches (`--batches`): the one-launch kernel (`fused_route_align`) is what the block takes; the
+tiled kernels are timed too. Prefill batches (`--prefill-batches`): the tiled path (three launches,
+`tiled_route_align`). For each batch: kernels per call (torch.profiler, eager) and µs per call
+replayed from a CUDA graph — routing alone (48 calls per graph, one per layer of a step) and the whole
+SparseMoeBlock forward (`--layers` forwards per graph for decode, `--prefill-layers` for prefill),
+with the Triton routing and with `route` + `moe_align` (`SparseMoeBlock.fused_routing = False`).
+Sized to finish within a minute on an H200 (Triton compiles included).
 
-    python benchmarks/bench_moe_routing.py [--batches 1,8,32,64] [--layers 48]
+    python benchmarks/bench_moe_routing.py [--batches 1,8,32,64] [--prefill-batches 1024,8192]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -22,17 +25,7 @@ from qwen3coder.kernels.fused_moe import moe_align, moe_block_m
 from qwen3coder.models.layers.moe import SparseMoeBlock, route
 
 HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
-
-
-@contextmanager
-def multi_kernel_routing() -> Iterator[None]:
-    """The block takes `route` + `moe_align` whatever the batch."""
-    fits = routing.fused_routing_fits
-    routing.fused_routing_fits = lambda *a: False
-    try:
-        yield
-    finally:
-        routing.fused_routing_fits = fits
+ROUTING_REPS = 48  # routing calls per graph: the 48 MoE layers of a 30B-A3B step
 
 
 def kernels_per_call(fn: Callable[[], object]) -> tuple[int, list[str]]:
@@ -47,41 +40,65 @@ def kernels_per_call(fn: Callable[[], object]) -> tuple[int, list[str]]:
     return len(names), names
 
 
+def bench_batch(block: SparseMoeBlock, n: int, block_reps: int) -> tuple[dict, list[str], list[str]]:
+    """One row: routing alone (Triton paths and torch) and the block forward (Triton routing and torch)."""
+    w = block.gate.weight
+    x = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
+    logits = block.gate(x)
+    experts, top_k = logits.shape[1], block.top_k
+    bm = moe_block_m(n * top_k)
+    fits = routing.fused_routing_fits(n, experts, top_k)
+
+    def torch_routing() -> object:
+        _, ids = route(logits, top_k, True, x.dtype)
+        return moe_align(ids, experts, bm)
+
+    def tiled_routing() -> object:
+        return routing.tiled_route_align(logits, top_k, True, bm, x.dtype)
+
+    row: dict = {"batch": n, "pairs": n * top_k, "block_m": bm, "path": "one-launch" if fits else "tiled"}
+    if fits:
+        row["routing_fused_us"] = round(cuda_graph_us(
+            lambda: routing.fused_route_align(logits, top_k, True, bm, x.dtype), ROUTING_REPS), 2)
+    row["routing_tiled_us"] = round(cuda_graph_us(tiled_routing, ROUTING_REPS), 2)
+    row["routing_torch_us"] = round(cuda_graph_us(torch_routing, ROUTING_REPS), 2)
+    row["kernels_routing_tiled"] = kernels_per_call(tiled_routing)[0]
+    row["kernels_routing_torch"] = kernels_per_call(torch_routing)[0]
+
+    block.fused_routing = True
+    row["kernels_block_triton"], names = kernels_per_call(lambda: block(x))
+    row["block_triton_us"] = round(cuda_graph_us(lambda: block(x), block_reps), 2)
+    block.fused_routing = False
+    try:
+        row["kernels_block_torch"], names_torch = kernels_per_call(lambda: block(x))
+        row["block_torch_us"] = round(cuda_graph_us(lambda: block(x), block_reps), 2)
+    finally:
+        block.fused_routing = True
+    return row, names, names_torch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batches", default="1,8,32,64")
-    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--batches", default="1,8,32,64", help="decode batches (tokens per step)")
+    ap.add_argument("--prefill-batches", default="1024,8192", help="prefill batches (tokens per step)")
+    ap.add_argument("--layers", type=int, default=48, help="block forwards per graph, decode batches")
+    ap.add_argument("--prefill-layers", type=int, default=4, help="block forwards per graph, prefill")
     args = ap.parse_args()
     torch.manual_seed(0)
     block = SparseMoeBlock(HIDDEN, EXPERTS, TOP_K, INTER, norm_topk_prob=True).cuda().bfloat16()
     with torch.no_grad():
         block.experts.gate_up_proj.normal_(0, HIDDEN ** -0.5)
         block.experts.down_proj.normal_(0, INTER ** -0.5)
+    batches = [(int(b), args.layers) for b in args.batches.split(",") if b]
+    batches += [(int(b), args.prefill_layers) for b in args.prefill_batches.split(",") if b]
     results = []
     with torch.no_grad():
-        for n in map(int, args.batches.split(",")):
-            x = torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16)
-            logits = block.gate(x)
-            bm = moe_block_m(n * TOP_K)
-
-            def old_routing() -> object:
-                w, ids = route(logits, TOP_K, True, torch.bfloat16)
-                return moe_align(ids, EXPERTS, bm)
-
-            row = {"batch": n, "fused_path": routing.fused_routing_fits(n, EXPERTS, TOP_K)}
-            row["kernels_block_fused"], names = kernels_per_call(lambda: block(x))
-            row["block_fused_us"] = round(cuda_graph_us(lambda: block(x), args.layers), 2)
-            with multi_kernel_routing():
-                row["kernels_block_multi"], names_multi = kernels_per_call(lambda: block(x))
-                row["block_multi_us"] = round(cuda_graph_us(lambda: block(x), args.layers), 2)
-            row["routing_fused_us"] = round(cuda_graph_us(
-                lambda: routing.fused_route_align(logits, TOP_K, True, bm, torch.bfloat16), 48), 2)
-            row["routing_multi_us"] = round(cuda_graph_us(old_routing, 48), 2)
-            row["kernels_routing_multi"] = kernels_per_call(old_routing)[0]
+        for n, reps in batches:
+            row, names, names_torch = bench_batch(block, n, reps)
             results.append(row)
             print(json.dumps(row), flush=True)
-            if n == 1:
-                print("fused:", names, "\nmulti:", names_multi, flush=True)
+            if n == 1 or n == max(b for b, _ in batches):
+                print(f"batch {n} kernels, Triton routing:", names, "\ntorch routing:", names_torch, flush=True)
     print(json.dumps({"device": torch.cuda.get_device_name(), "results": results}))
 
 

@@ -1,7 +1,8 @@
-"""Fused MoE routing + alignment (one Triton launch) against `route` + `moe_align`.
+"""MoE routing + alignment in Triton (one launch for small batches, three tiled launches for large ones)
+against `route` + `moe_align`.
 
-CPU: Triton's interpreter (fp32); GPU (`-m gpu`): compiled, bf16 at the Qwen3-30B-A3B shape, and the
-whole SparseMoeBlock forward captured in a CUDA graph.
+CPU: Triton's interpreter (fp32); GPU (`-m gpu`): compiled, bf16 at the Qwen3-30B-A3B shape (up to 8192
+tokens), and the whole SparseMoeBlock forward captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ pytest.importorskip("triton")
 
 import qwen3coder.models.layers.moe as moe_mod  # noqa: E402
 from qwen3coder.kernels.fused_moe import fused_moe, moe_align, moe_block_m  # noqa: E402
-from qwen3coder.kernels.moe_routing import fused_route_align, fused_routing_fits  # noqa: E402
+from qwen3coder.kernels.moe_routing import (  # noqa: E402
+    fused_route_align, fused_routing_fits, tiled_route_align)
 from qwen3coder.models.layers.moe import SparseMoeBlock, moe_forward_reference, route  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,8 +32,9 @@ def _logits(n: int, experts: int, dtype: torch.dtype, seed: int) -> torch.Tensor
     return ((perm.float() - experts / 2) / 16).to(DEV, dtype)
 
 
-def _check_parity(logits: torch.Tensor, top_k: int, norm: bool, block_m: int, out_dtype: torch.dtype) -> None:
-    r = fused_route_align(logits, top_k, norm, block_m, out_dtype)
+def _check_parity(logits: torch.Tensor, top_k: int, norm: bool, block_m: int, out_dtype: torch.dtype,
+                  fn=fused_route_align) -> None:
+    r = fn(logits, top_k, norm, block_m, out_dtype)
     weights, ids = route(logits, top_k, norm, out_dtype)
     sorted_ids, block_expert = moe_align(ids, logits.shape[1], block_m)
     assert r.topk_ids.dtype == r.sorted_ids.dtype == r.block_expert.dtype == torch.int32
@@ -64,6 +67,38 @@ def test_ties_lowest_index_first():
     assert torch.allclose(r.topk_weights, weights, atol=1e-6)
     sorted_ids, block_expert = moe_align(r.topk_ids.long(), 8, 4)
     assert torch.equal(r.sorted_ids.long(), sorted_ids) and torch.equal(r.block_expert.long(), block_expert)
+
+
+@pytest.mark.parametrize("n, experts, top_k, block_m, norm", [
+    (33, 8, 2, 16, True), (33, 128, 8, 64, False), (200, 128, 8, 64, True), (200, 60, 4, 16, False),
+    (700, 128, 8, 16, True), (700, 16, 1, 64, False), (700, 128, 2, 64, True), (1, 128, 8, 16, True),
+    (70, 512, 10, 16, True)])
+def test_tiled_route_align_matches_reference(n, experts, top_k, block_m, norm):
+    """The multi-program path: several tiles (32 tokens at E = 128, 8 at E = 512), a partial last
+    tile, experts without tokens, runs spanning tiles, the tail past the last run."""
+    _check_parity(_logits(n, experts, torch.float32, seed=n + experts + top_k), top_k, norm, block_m,
+                  torch.float32, fn=tiled_route_align)
+
+
+@pytest.mark.parametrize("n, experts, top_k, block_m", [(100, 16, 4, 16), (300, 8, 2, 4), (61, 128, 8, 64)])
+def test_tiled_route_align_ties(n, experts, top_k, block_m):
+    """Logits with many ties (a few integer values): ids in the documented order (descending, lowest
+    index first), weights as `route`'s, the alignment `moe_align` of those ids, and where the batch
+    also fits the one-program kernel, every output equal to that kernel's."""
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randint(0, 4, (n, experts), generator=g).float().to(DEV)
+    r = tiled_route_align(logits, top_k, True, block_m, torch.float32)
+    expected_ids = torch.sort(-logits.cpu(), dim=1, stable=True).indices[:, :top_k]
+    assert torch.equal(r.topk_ids.cpu().long(), expected_ids)
+    weights, _ = route(logits, top_k, True, torch.float32)
+    assert (r.topk_weights - weights).abs().max().item() <= 1e-6
+    sorted_ids, block_expert = moe_align(r.topk_ids.long(), experts, block_m)
+    assert torch.equal(r.sorted_ids.long(), sorted_ids) and torch.equal(r.block_expert.long(), block_expert)
+    if fused_routing_fits(n, experts, top_k):
+        one = fused_route_align(logits, top_k, True, block_m, torch.float32)
+        for a, b in zip(r[1:], one[1:]):
+            assert torch.equal(a, b)
+        assert (r.topk_weights - one.topk_weights).abs().max().item() <= 1e-6
 
 
 def test_fits_small_batches_only():
@@ -115,7 +150,8 @@ def _reference(block: SparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("n, shared", [(1, 0), (5, 48)])
 def test_sparse_moe_block_takes_fused_routing(monkeypatch, n, shared):
     """With the Triton path on (forced on CPU: the interpreter), the block routes through one fused
-    kernel, matches the reference path and still keeps its router logits when asked."""
+    kernel, matches the reference path and still keeps its router logits when asked; with
+    `fused_routing = False` it takes `route` + `moe_align` instead."""
     monkeypatch.setattr(moe_mod, "use_triton", lambda t: True)
     calls = []
     import qwen3coder.kernels.moe_routing as routing
@@ -128,8 +164,30 @@ def test_sparse_moe_block_takes_fused_routing(monkeypatch, n, shared):
     with torch.no_grad():
         got = block(x)
         expected = _reference(block, x)
+        block.fused_routing = False
+        unfused = block(x)
     assert len(calls) == 1
     assert block.router_logits is not None and block.router_logits.shape == (n, 16)
+    tol = 2e-5 * max(1.0, expected.abs().max().item())
+    assert (got - expected).abs().max().item() <= tol and (unfused - expected).abs().max().item() <= tol
+
+
+def test_sparse_moe_block_takes_tiled_routing(monkeypatch):
+    """Past `fused_routing_fits` the Triton path routes through the tiled kernels (not `route`)."""
+    monkeypatch.setattr(moe_mod, "use_triton", lambda t: True)
+    import qwen3coder.kernels.moe_routing as routing
+
+    calls = []
+    real = routing.tiled_route_align
+    monkeypatch.setattr(routing, "tiled_route_align", lambda *a, **k: calls.append(a) or real(*a, **k))
+    n, experts, top_k = 520, 16, 4
+    assert not fused_routing_fits(n, experts, top_k)
+    block = _block(64, experts, top_k, 32, torch.float32)
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(6)).to(DEV)
+    with torch.no_grad():
+        got = block(x)
+        expected = _reference(block, x)
+    assert len(calls) == 1
     assert (got - expected).abs().max().item() <= 2e-5 * max(1.0, expected.abs().max().item())
 
 
@@ -146,7 +204,33 @@ def test_gpu_route_align_30b_shape(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 8, 64])
+@pytest.mark.parametrize("n", [300, 1024, 8192])
+def test_gpu_tiled_route_align_30b_shape(n):
+    """Prefill sizes: the tiled path against `route` + `moe_align` (BLOCK_M 64 at 8192 tokens)."""
+    logits = _logits(n, E30, torch.bfloat16, seed=n)
+    _check_parity(logits, K30, True, moe_block_m(n * K30), torch.bfloat16, fn=tiled_route_align)
+
+
+@pytest.mark.gpu
+def test_gpu_tiled_route_align_bf16_ties():
+    """Router logits of a real GEMM in bf16 (ties within a row are common): ids in the documented tie
+    order, weights as `route`'s, the alignment `moe_align` of those ids."""
+    n = 8192
+    x = torch.randn(n, H30, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(E30, H30, device=DEV, dtype=torch.bfloat16) * H30 ** -0.5
+    logits = x @ w.t()
+    bm = moe_block_m(n * K30)
+    r = tiled_route_align(logits, K30, True, bm, torch.bfloat16)
+    expected_ids = torch.sort(-logits.float(), dim=1, stable=True).indices[:, :K30]
+    assert torch.equal(r.topk_ids.long(), expected_ids)
+    weights, _ = route(logits, K30, True, torch.bfloat16)
+    assert (r.topk_weights.float() - weights.float()).abs().max().item() <= W_TOL[torch.bfloat16]
+    sorted_ids, block_expert = moe_align(r.topk_ids.long(), E30, bm)
+    assert torch.equal(r.sorted_ids.long(), sorted_ids) and torch.equal(r.block_expert.long(), block_expert)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 8, 64, 1024])
 def test_gpu_sparse_moe_block_30b_shape(n):
     block = _block(H30, E30, K30, I30, torch.bfloat16)
     x = torch.randn(n, H30, device=DEV, dtype=torch.bfloat16)
@@ -157,7 +241,7 @@ def test_gpu_sparse_moe_block_30b_shape(n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 16])
+@pytest.mark.parametrize("n", [1, 16, 1024])
 def test_gpu_sparse_moe_block_cuda_graph(n):
     """The whole block forward (router GEMM, fused routing, grouped GEMMs) captured and replayed."""
     block = _block(H30, E30, K30, I30, torch.bfloat16)

@@ -7,8 +7,9 @@ run over those blocks — gate and up tiles of `x @ W13[e]^T` with SwiGLU in the
 once per BLOCK_M tokens routed to it, whatever the batch. The same path serves decode (one token:
 the top-k experts' weights read once) and prefill (tokens grouped per expert).
 `moe_forward_reference` in `qwen3coder.models.layers.moe` is the plain-PyTorch reference.
-For small batches (decode) `qwen3coder.kernels.moe_routing.fused_route_align` produces the routing and
-the same alignment in one launch; `fused_moe` then takes its `sorted_ids` / `block_expert`.
+On the Triton path `qwen3coder.kernels.moe_routing.route_align` produces the routing and the same
+alignment (one launch for decode-sized batches, three for prefill-sized ones); `fused_moe` then takes
+its `sorted_ids` / `block_expert`.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
     """Σ_k w_k · SwiGLU_{id_k}(x) for x [N, H]; weights as in `Experts` ([E, 2I, H], [E, H, I]).
 
     `sorted_ids` / `block_expert` (int32 or int64), when given, are `moe_align(topk_ids, E, block_m)`
-    computed beforehand (e.g. by `fused_route_align`); otherwise they are computed here. `tiles`: the
+    computed beforehand (e.g. by `route_align`); otherwise they are computed here. `tiles`: the
     kernels' launch configuration (default `moe_tiles(pairs)`). `reduce=False` returns the weighted
     per-expert partials [N, K, H] (w_k · SwiGLU_{id_k}(x), in x's dtype) instead of their sum, for
     `kernels.rmsnorm.fused_add_rmsnorm` to sum as it adds the residual.

@@ -1,9 +1,12 @@
-"""MoE routing and alignment in one Triton launch, for small batches (decode).
+"""MoE routing and alignment in Triton: one launch for small batches (decode), three for large ones.
 
 `route` (softmax in fp32, top-k, renormalisation, cast) followed by `moe_align` (counts, padded
 offsets, stable sort of the pairs by expert, block -> expert map) is about twenty tiny kernels per MoE
-layer, which dominate a batch-1 decode step's kernel count. `fused_route_align` does all of it in ONE
-program over a [N_PAD, E_PAD] tile of router logits:
+layer at decode sizes, and at prefill sizes a top-k gather, radix sorts and scatters (~150 µs per layer
+for 8192 tokens of the 30B-A3B on an H200). `route_align` picks one of two Triton paths:
+
+`fused_route_align` (small batches, `fused_routing_fits`) does all of it in ONE program over a
+[N_PAD, E_PAD] tile of router logits:
 
 1. softmax statistics in fp32 (row max, Σ exp);
 2. top-k by iterative max-and-mask: the row maximum, then the lowest column holding it;
@@ -14,17 +17,30 @@ program over a [N_PAD, E_PAD] tile of router logits:
    order of `moe_align`), and the block -> expert map. Every slot of `sorted_ids` / `block_expert` is
    written exactly once (pairs, their runs' padding, the tail), so no ordering between stores matters.
 
-Outputs equal `route` + `moe_align` exactly (ids, sorted_ids, block_expert) and the weights up to
+`tiled_route_align` (any batch; used past `fused_routing_fits`) splits the tokens into tiles of
+`tiled_routing_tile(E)` tokens (32 at E = 128) and runs three launches:
+
+a. per tile (one program each): steps 1-3 above, plus the tile's expert histogram hist[t, e];
+b. per group of experts: an exclusive scan of hist over the tiles and each expert's total;
+c. per tile: padded run starts from the totals (every program recomputes the E-long cumsum), and each
+   pair's slot = run start + pairs of earlier tiles on its expert + earlier tokens of this tile on it
+   (recomputed from topk_ids): the same stable (token, k) order; then the program's share of the
+   blocks — `block_expert` (the runs ending at or before the block's start, counted: `moe_align`'s
+   searchsorted; -1 past the last run) and the sentinel in each slot of those blocks past its run's
+   pairs. Every output slot is again written exactly once: no memset, no atomics, deterministic.
+
+Both write only device tensors of sizes fixed by the shapes (no host sync: CUDA-graph safe). Outputs
+equal `route` + `moe_align` exactly (ids, sorted_ids, block_expert) and the weights up to
 fp32 rounding. Ties: top-k is taken on the fp32 logits (the order of the probabilities); among equal
 logits the lowest expert index comes first, so the k-th choice on a tie goes to the lower index — what
 `torch.topk` on CUDA selects (it gathers ties in index order), while the order it returns tied values in
-is not specified. Where two distinct logits round to the same probability, this kernel still ranks the
+is not specified. Where two distinct logits round to the same probability, these kernels still rank the
 larger logit first. Tied weights are equal, so the MoE output does not depend on the tie order.
 
-Only for small batches (`fused_routing_fits`): one program holds the whole tile. Larger batches keep
-the multi-kernel path, which parallelises. Measured on an H200 at the 30B-A3B shape (bf16, CUDA graph;
-benchmarks/bench_moe_routing.py): routing + alignment 62 -> 4 µs per layer at batch 1 (38 kernels -> 1),
-97 -> 12 µs at batch 64; the whole SparseMoeBlock forward 110 -> 44 µs at batch 1.
+Measured on an H200 at the 30B-A3B shape (bf16, CUDA graph; benchmarks/bench_moe_routing.py), the
+one-program path: routing + alignment 62 -> 4 µs per layer at batch 1 (38 kernels -> 1), 97 -> 12 µs
+at batch 64; the whole SparseMoeBlock forward 110 -> 44 µs at batch 1. The tiled path has not been
+timed yet (the benchmark's `--prefill-batches` rows).
 """
 
 from __future__ import annotations
@@ -51,7 +67,8 @@ def _pow2(n: int) -> int:
 
 
 def fused_routing_fits(num_tokens: int, num_experts: int, top_k: int) -> bool:
-    """Whether `fused_route_align` takes this batch (one program: small batches only)."""
+    """Whether `fused_route_align` takes this batch (one program: small batches only; `route_align`
+    sends larger ones to `tiled_route_align`)."""
     return (triton is not None and num_tokens * top_k <= MAX_PAIRS
             and _pow2(num_tokens) * _pow2(num_experts) <= MAX_TILE)
 
@@ -157,3 +174,169 @@ def fused_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
         E_PAD=e_pad, K_PAD=_pow2(top_k), RUN_BLOCKS=_pow2(-(-n // block_m)), SLOTS_PAD=_pow2(slots),
         BLOCKS_PAD=_pow2(slots // block_m), num_warps=4 if n_pad * e_pad <= 4096 else 8)
     return RoutedPairs(weights, ids, sorted_ids, block_expert)
+
+
+# --- large batches (prefill): three launches over tiles of tokens ---------------------------------
+
+
+def tiled_routing_tile(num_experts: int) -> tuple[int, int]:
+    """(tokens per program, num_warps) of `tiled_route_align`'s top-k and scatter kernels: 4096 // E_PAD
+    tokens within 2 .. 128 (32 at E = 128, 8 at E = 512), so a [tokens, E_PAD] tile of 4096 entries
+    where E_PAD is 32 .. 2048; 8 warps past that."""
+    e_pad = _pow2(num_experts)
+    tokens = max(2, min(128, 4096 // e_pad))
+    return tokens, 4 if tokens * e_pad <= 4096 else 8
+
+
+if triton is not None:
+
+    @triton.jit
+    def _route_align_topk_kernel(logits_ptr, weights_ptr, ids_ptr, hist_ptr, num_tokens, num_experts,
+                                 stride_lm, TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 E_PAD: tl.constexpr, K_PAD: tl.constexpr):
+        """Tile t of BLOCK_T tokens: softmax + top-k + renorm + cast as `_fused_route_align_kernel`, and
+        hist[t, e] = how many of the tile's tokens chose expert e."""
+        tile = tl.program_id(0)
+        rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, E_PAD)
+        row_ok = rows < num_tokens
+        col_ok = cols < num_experts
+        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lm + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.where(col_ok[None, :], x, float("-inf"))  # padding rows stay finite (0): no NaN
+        row_max = tl.max(x, axis=1)
+        denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
+
+        ks = tl.arange(0, K_PAD)
+        top_w = tl.zeros((BLOCK_T, K_PAD), tl.float32)
+        top_id = tl.zeros((BLOCK_T, K_PAD), tl.int32)
+        chosen = tl.zeros((BLOCK_T, E_PAD), tl.int32)
+        val = x
+        for j in tl.static_range(TOP_K):
+            m = tl.max(val, axis=1)
+            idx = tl.min(tl.where(val == m[:, None], cols[None, :], E_PAD), axis=1)  # lowest index on ties
+            hit = cols[None, :] == idx[:, None]
+            chosen = tl.where(hit, 1, chosen)
+            val = tl.where(hit, float("-inf"), val)
+            p = tl.exp(m - row_max) / denom
+            top_w = tl.where(ks[None, :] == j, p[:, None], top_w)
+            top_id = tl.where(ks[None, :] == j, idx[:, None], top_id)
+        if NORM:
+            top_w = top_w / tl.sum(top_w, axis=1)[:, None]  # columns >= TOP_K hold 0
+        out_off = rows[:, None] * TOP_K + ks[None, :]
+        out_mask = row_ok[:, None] & (ks < TOP_K)[None, :]
+        tl.store(weights_ptr + out_off, top_w.to(weights_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(ids_ptr + out_off, top_id, mask=out_mask)
+        chosen = tl.where(row_ok[:, None], chosen, 0)
+        tl.store(hist_ptr + tile * num_experts + cols, tl.sum(chosen, axis=0), mask=col_ok)
+
+    @triton.jit
+    def _route_align_scan_kernel(hist_ptr, prefix_ptr, totals_ptr, num_tiles, num_experts,
+                                 E_BLOCK: tl.constexpr, T_CHUNK: tl.constexpr):
+        """For E_BLOCK experts: prefix[t, e] = Σ_{t' < t} hist[t', e] (exclusive scan over the tiles)
+        and totals[e] = Σ_t hist[t, e]."""
+        cols = tl.program_id(0) * E_BLOCK + tl.arange(0, E_BLOCK)
+        col_ok = cols < num_experts
+        carry = tl.zeros((E_BLOCK,), tl.int32)
+        for t0 in range(0, num_tiles, T_CHUNK):
+            tiles = t0 + tl.arange(0, T_CHUNK)
+            mask = (tiles < num_tiles)[:, None] & col_ok[None, :]
+            offs = tiles[:, None] * num_experts + cols[None, :]
+            h = tl.load(hist_ptr + offs, mask=mask, other=0)
+            tl.store(prefix_ptr + offs, tl.cumsum(h, axis=0) - h + carry[None, :], mask=mask)
+            carry += tl.sum(h, axis=0)
+        tl.store(totals_ptr + cols, carry, mask=col_ok)
+
+    @triton.jit
+    def _route_align_scatter_kernel(ids_ptr, prefix_ptr, totals_ptr, sorted_ids_ptr, block_expert_ptr,
+                                    num_tokens, num_experts, num_blocks, blocks_per_program,
+                                    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                                    E_PAD: tl.constexpr, B_CHUNK: tl.constexpr):
+        """Tile t: each pair's slot in `sorted_ids` = run start of its expert + pairs of earlier tiles on
+        that expert (prefix[t, e]) + earlier tokens of this tile on it. Then this program's share of the
+        blocks: `block_expert` and the sentinel in every slot of them that holds no pair."""
+        tile = tl.program_id(0)
+        cols = tl.arange(0, E_PAD)
+        col_ok = cols < num_experts
+        counts = tl.load(totals_ptr + cols, mask=col_ok, other=0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        pad_end = tl.cumsum(padded, axis=0)
+        run_start = pad_end - padded
+        data_end = run_start + counts  # a run's pairs fill run_start .. data_end - 1, its padding the rest
+
+        rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < num_tokens
+        slot = tl.full((BLOCK_T, E_PAD), -1, tl.int32)  # position j of expert e in token n's top-k, or -1
+        for j in tl.static_range(TOP_K):
+            idj = tl.load(ids_ptr + rows * TOP_K + j, mask=row_ok, other=-1)
+            slot = tl.where(cols[None, :] == idj[:, None], j, slot)
+        chosen = slot >= 0
+        chosen_i = chosen.to(tl.int32)
+        rank = tl.cumsum(chosen_i, axis=0) - chosen_i  # earlier tokens of this tile on the same expert
+        base = run_start + tl.load(prefix_ptr + tile * num_experts + cols, mask=col_ok, other=0)
+        tl.store(sorted_ids_ptr + base[None, :] + rank, rows[:, None] * TOP_K + slot, mask=chosen)
+
+        num_pairs = num_tokens * TOP_K
+        lanes = tl.arange(0, BLOCK_M)
+        for c in range(0, blocks_per_program, B_CHUNK):
+            local = c + tl.arange(0, B_CHUNK)
+            blocks = tile * blocks_per_program + local
+            ok = (local < blocks_per_program) & (blocks < num_blocks)
+            start = blocks * BLOCK_M
+            # the owner of a block: the number of runs ending at or before its start (moe_align's
+            # searchsorted), num_experts past the last run
+            owner = tl.sum(((pad_end[None, :] <= start[:, None]) & col_ok[None, :]).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + blocks, tl.where(owner < num_experts, owner, -1), mask=ok)
+            owner_end = tl.sum(tl.where(cols[None, :] == owner[:, None], data_end[None, :], 0), axis=1)
+            pos = start[:, None] + lanes[None, :]
+            pad = (pos >= owner_end[:, None]) | (owner >= num_experts)[:, None]
+            tl.store(sorted_ids_ptr + pos, tl.zeros((B_CHUNK, BLOCK_M), tl.int32) + num_pairs,
+                     mask=ok[:, None] & pad)
+
+
+def tiled_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, block_m: int,
+                      out_dtype: torch.dtype) -> RoutedPairs:
+    """`fused_route_align`'s outputs for any batch, in three launches: top-k + tile histograms, an
+    exclusive scan of the histograms over the tiles, the scatter into the expert-sorted layout (see the
+    module docstring). No host sync, sizes fixed by the shapes: CUDA-graph safe."""
+    assert triton is not None, "triton is not installed"
+    n, num_experts = router_logits.shape
+    assert 1 <= top_k <= num_experts and block_m >= 2 and block_m & (block_m - 1) == 0, (top_k, block_m)
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    dev = router_logits.device
+    slots = moe_align_length(n * top_k, num_experts, block_m)
+    num_blocks = slots // block_m
+    weights = torch.empty(n, top_k, dtype=out_dtype, device=dev)
+    ids = torch.empty(n, top_k, dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty(slots, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    block_t, warps = tiled_routing_tile(num_experts)
+    num_tiles = max(1, -(-n // block_t))
+    hist = torch.empty(num_tiles, num_experts, dtype=torch.int32, device=dev)
+    prefix = torch.empty_like(hist)
+    totals = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    e_pad = _pow2(num_experts)
+    _route_align_topk_kernel[(num_tiles,)](
+        router_logits, weights, ids, hist, n, num_experts, router_logits.stride(0), TOP_K=top_k,
+        NORM=bool(norm_topk_prob), BLOCK_T=block_t, E_PAD=e_pad, K_PAD=_pow2(top_k), num_warps=warps)
+    e_block = min(e_pad, 16)
+    _route_align_scan_kernel[(-(-num_experts // e_block),)](
+        hist, prefix, totals, num_tiles, num_experts, E_BLOCK=e_block,
+        T_CHUNK=max(2, min(_pow2(num_tiles), 2048 // e_block)), num_warps=4)
+    per_program = -(-num_blocks // num_tiles)
+    _route_align_scatter_kernel[(num_tiles,)](
+        ids, prefix, totals, sorted_ids, block_expert, n, num_experts, num_blocks, per_program, TOP_K=top_k,
+        BLOCK_M=block_m, BLOCK_T=block_t, E_PAD=e_pad,
+        B_CHUNK=max(2, min(_pow2(per_program), 4096 // max(e_pad, block_m))), num_warps=warps)
+    return RoutedPairs(weights, ids, sorted_ids, block_expert)
+
+
+def route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, block_m: int,
+                out_dtype: torch.dtype) -> RoutedPairs:
+    """`route` + `moe_align` on the Triton path: one launch (`fused_route_align`) for small batches,
+    three (`tiled_route_align`) otherwise."""
+    n, num_experts = router_logits.shape
+    if fused_routing_fits(n, num_experts, top_k):
+        return fused_route_align(router_logits, top_k, norm_topk_prob, block_m, out_dtype)
+    return tiled_route_align(router_logits, top_k, norm_topk_prob, block_m, out_dtype)

@@ -7,9 +7,10 @@ fused kernels want: `experts.gate_up_proj [E, 2*I, H]` (gate rows first) and
 into it at load time. Qwen3-Next adds an always-on shared expert scaled by `sigmoid(shared_expert_gate(x))`.
 
 `moe_forward_reference` is the plain-PyTorch path (one matmul pair per expert that received tokens);
-`qwen3coder.kernels` holds the fused Triton versions checked against it. On the Triton path, small
-batches (decode) route and align in one kernel (`kernels.moe_routing.fused_route_align`) whose
-expert-grouped layout goes straight to `fused_moe`; larger batches and training use `route`.
+`qwen3coder.kernels` holds the fused Triton versions checked against it. On the Triton path routing
+and alignment are Triton kernels (`kernels.moe_routing.route_align`: one launch for decode-sized
+batches, three for prefill-sized ones) whose expert-grouped layout goes straight to `fused_moe`;
+training (autograd on) and CPU use `route` with the reference experts.
 
 Output contract: `SparseMoeBlock.forward` returns the [N, H] sum, except when its `fold_topk_sum` is
 set (the decoder layers set it: their FFN output goes only to the next `RMSNorm(hidden, residual)`),
@@ -125,6 +126,7 @@ class SparseMoeBlock(nn.Module):
         # True where the output goes only to the next RMSNorm(hidden, residual) (decoder layers):
         # the Triton path may then return TopKPartials (see the module docstring)
         self.fold_topk_sum = False
+        self.fused_routing = True  # Triton path: route in Triton; False: `route` + `moe_align` (benchmarks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | TopKPartials:
         """x [N, H] -> the MoE output [N, H], or `TopKPartials` [N, K, H] when `fold_topk_sum` is set,
@@ -134,8 +136,9 @@ class SparseMoeBlock(nn.Module):
             self.router_logits = router_logits
         fast = use_triton(x)
         reduce = not (fast and self.fold_topk_sum and self.shared_expert is None)
-        out = self._fused_routing_experts(x, router_logits, reduce) if fast else None
-        if out is None:
+        if fast and self.fused_routing:
+            out = self._fused_routing_experts(x, router_logits, reduce)
+        else:
             topk_weights, topk_ids = route(router_logits, self.top_k, self.norm_topk_prob, x.dtype)
             out = self.experts(x, topk_weights, topk_ids, reduce=reduce)
         if not reduce:
@@ -145,14 +148,12 @@ class SparseMoeBlock(nn.Module):
         return out
 
     def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor, reduce: bool = True
-                               ) -> torch.Tensor | None:
-        """The experts' output (partials when not `reduce`) with routing + alignment in one kernel, or
-        None where the batch is too large for it (one program; decode-sized batches only)."""
+                               ) -> torch.Tensor:
+        """The experts' output (partials when not `reduce`) with routing + alignment in Triton: one
+        launch for decode-sized batches (`fused_route_align`), three for larger ones (`tiled_route_align`)."""
         from qwen3coder.kernels.fused_moe import moe_block_m
-        from qwen3coder.kernels.moe_routing import fused_route_align, fused_routing_fits
+        from qwen3coder.kernels.moe_routing import route_align
 
-        n, num_experts = router_logits.shape
-        if not fused_routing_fits(n, num_experts, self.top_k):
-            return None
-        r = fused_route_align(router_logits, self.top_k, self.norm_topk_prob, moe_block_m(n * self.top_k), x.dtype)
+        block_m = moe_block_m(router_logits.shape[0] * self.top_k)
+        r = route_align(router_logits, self.top_k, self.norm_topk_prob, block_m, x.dtype)
         return self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert), reduce=reduce)

@@ -124,16 +124,16 @@ def test_launch_config_tiles():
     assert launch_config(16, 32, 4, 128) == (1, 1, 1, 1)
     assert launch_config(17, 32, 4, 128) == (4, 1, 1, 1)
     assert launch_config(64, 32, 4, 128) == (4, 1, 1, 1)
-    assert launch_config(100, 32, 4, 128) == (32, 1, 1, 8)
-    assert launch_config(2048, 32, 4, 128) == (32, 1, 1, 8)
-    assert launch_config(8192, 32, 4, 128) == (8, 4, 4, 8)
-    assert launch_config(8192, 16, 2, 256) == (4, 4, 2, 8)  # Qwen3-Next: 2 KV heads per group
-    assert launch_config(100, 4, 1, 48) == (64, 1, 1, 8)  # head_dim 48: BLOCK_D 64
+    assert launch_config(100, 32, 4, 128) == (16, 2, 2, 8)
+    assert launch_config(2048, 32, 4, 128) == (16, 2, 2, 8)
+    assert launch_config(8192, 32, 4, 128) == (16, 2, 2, 8)
+    assert launch_config(8192, 16, 2, 256) == (8, 2, 2, 8)  # Qwen3-Next: head_dim 256
+    assert launch_config(100, 4, 1, 48) == (32, 2, 1, 8)  # head_dim 48: BLOCK_D 64; one KV head
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [1, 3, 17, 100])  # tiles of 1, 1, 4 (tail 1) and 64 tokens (tail 36)
+@pytest.mark.parametrize("n", [1, 3, 17, 100])  # tiles of 1, 1, 4 (tail 1) and 16 tokens (tail 4)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fused_prologue_matches_unfused(name, n, dtype):
     _check(name, n, dtype)

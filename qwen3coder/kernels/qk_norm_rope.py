@@ -59,16 +59,18 @@ def _pow2(x: int) -> int:
 def launch_config(n: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> QKRopeLaunch:
     """The tile for `n` tokens (host shapes only). Up to 16 tokens: one (token, head) per program, the
     grid of the launch before tiling (decode: many small programs). Up to 64: 4 tokens × 1 head.
-    Beyond: ~4K-element tiles, 1 head × up to 64 tokens through 2,048 tokens, then 4 heads × fewer
-    tokens (cos/sin and the weights read once per 4 heads). Warps: one per 512 tile elements (16 per
-    thread), at least 1 and at most 8. A first guess: `benchmarks/bench_qk_norm_rope.py` sweeps tiles."""
+    Beyond: ~4K-element tiles of 2 heads (16 tokens at head_dim 128; cos/sin and the weights read once
+    per 2 heads). Warps: one per 512 tile elements (16 per thread), at least 1 and at most 8. From
+    `benchmarks/bench_qk_norm_rope.py` on an H200 at the 30B-A3B shape (2026-11-30): 16 tokens × 2 heads
+    was the best of 10 tiles at 1,024 and 8,192 tokens (6.3 / 49 µs; one program per (token, head):
+    25 / 188 µs); decode sizes (1, 16 tokens) 1.3 / 1.7 µs."""
     block_d = _pow2(head_dim)
     if n <= 16:
         block_t, heads = 1, 1
     elif n <= 64:
         block_t, heads = 4, 1
     else:
-        heads = 4 if n > 2048 else 1
+        heads = 2
         block_t = max(1, min(64, 4096 // (block_d * heads)))
     q_heads, kv_heads = min(heads, _pow2(num_q_heads)), min(heads, _pow2(num_kv_heads))
     num_warps = max(1, min(8, block_t * max(q_heads, kv_heads) * block_d // 512))

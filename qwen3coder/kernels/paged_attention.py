@@ -17,10 +17,9 @@ Design (flash-decoding with a split count fixed on the host, token ranges chosen
   (`block = token // block_size`, any power-of-two block size). Softmax is online, in base 2 with
   `scale * log2(e)` folded into the scores; tokens at or past `seq_len` are masked (and their block
   table entries never read). p is cast to the value dtype before the PV dot.
-* With `S == 1` the program normalises and writes the output directly. Otherwise the splits that
-  hold tokens store partials and count themselves on a per-(sequence, KV head) arrival counter
-  (an acquire-release atomic); the last one to arrive merges the partials of the group's heads and
-  resets the counter. No second launch: at batch 1 a separate merge kernel cost ~2 µs per layer.
+* With `S == 1` the program normalises and writes the output directly; otherwise a merge kernel
+  (one program per (sequence, query head)) combines the partials, reading only the splits that can
+  be non-empty for that sequence's real length.
 
 fp32 caches use IEEE dots (tf32 would break fp32 parity with the CPU path); bf16/fp16 use tensor
 cores natively. `paged_attention_reference` in `qwen3coder.models.layers.attention` is the
@@ -49,17 +48,14 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, m_ptr,
-                             l_ptr, acc_ptr, counter_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks,
-                             stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_on, stride_oh, num_splits,
-                             num_heads, num_kv_heads, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-                             SPLIT: tl.constexpr, SPLITS_PAD: tl.constexpr, IEEE: tl.constexpr):
+                             l_ptr, acc_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, stride_bt, stride_on, stride_oh, num_splits,
+                             num_heads, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr,
+                             IEEE: tl.constexpr):
         """One (sequence, KV head, split): online softmax over the split's tiles of the real length.
-        Without SPLIT the output is written directly. With SPLIT the splits that hold tokens store
-        their partial max (base 2), sum and unnormalised output to m/l/acc ([seq, head, split(, D)]),
-        then count themselves on the (sequence, KV head)'s arrival counter; the last to arrive merges
-        the group's partials, writes the output and resets the counter to 0 (so the next launch, or
-        graph replay, finds it zeroed). Splits past the real length do nothing."""
+        Without SPLIT the output is written directly; with SPLIT the partial max (base 2), sum and
+        unnormalised output go to m/l/acc, laid out [seq, head, split(, HEAD_DIM)]."""
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -76,10 +72,6 @@ if triton is not None:
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
         num_tiles = tl.cdiv(seq_len, TILE_N)
         per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
-        used = tl.cdiv(num_tiles, per_split)  # splits that hold tokens
-        if SPLIT:
-            if split >= used:
-                return
         first = split * per_split
         last = tl.minimum(first + per_split, num_tiles)
         bt_row = block_tables_ptr + seq * stride_bt
@@ -115,27 +107,34 @@ if triton is not None:
             tl.store(m_ptr + row, m_i, mask=g_mask)
             tl.store(l_ptr + row, l_i, mask=g_mask)
             tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
-            # release our partials / acquire the others' (GPU scope), then the last one merges
-            arrived = tl.atomic_add(counter_ptr + seq * num_kv_heads + kvh, 1, sem="acq_rel")
-            if arrived == used - 1:
-                sp = tl.arange(0, SPLITS_PAD)
-                ok = sp < used
-                for gi in range(GROUP):
-                    head = kvh * GROUP + gi
-                    r = (seq * num_heads + head) * num_splits + sp
-                    m = tl.load(m_ptr + r, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                    l = tl.load(l_ptr + r, mask=ok, other=0.0, cache_modifier=".cg")
-                    part = tl.load(acc_ptr + r[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0,
-                                   cache_modifier=".cg")
-                    m_max = tl.max(m, axis=0)
-                    w = tl.where(ok, tl.math.exp2(m - m_max), 0.0)
-                    o = tl.sum(part * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-                    tl.store(out_ptr + seq * stride_on + head * stride_oh + d, o.to(out_ptr.dtype.element_ty))
-                tl.store(counter_ptr + seq * num_kv_heads + kvh, 0)
         else:
             out = acc / l_i[:, None]
             tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+    @triton.jit
+    def _paged_decode_merge_kernel(m_ptr, l_ptr, acc_ptr, seq_lens_ptr, out_ptr, num_splits, num_heads,
+                                   stride_on, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                                   TILE_N: tl.constexpr):
+        """One (sequence, query head): combine the partials of the splits that the sequence's real
+        length reaches (the same tile arithmetic as the split kernel); the others are never read."""
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        num_tiles = tl.cdiv(seq_len, TILE_N)
+        per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+        used = tl.cdiv(num_tiles, per_split)
+        sp = tl.arange(0, SPLITS_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        ok = sp < used
+        row = (seq * num_heads + head) * num_splits + sp
+        m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
+        l = tl.load(l_ptr + row, mask=ok, other=0.0)
+        acc = tl.load(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(ok, tl.math.exp2(m - m_max), 0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(out_ptr + seq * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,37 +176,25 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits is None:
         bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
         num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device)
-    num_splits = max(1, min(MAX_SPLITS, int(num_splits)))
+    num_splits = max(1, int(num_splits))
     split = num_splits > 1
     if split:
         m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        counter = _arrival_counters(q.device, num_seqs * num_kv_heads)
     else:
-        m = l = acc = counter = out  # unused
+        m = l = acc = out  # unused
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, counter, scale * _LOG2E,
+        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_splits, num_heads, num_kv_heads,
+        out.stride(0), out.stride(1), num_splits, num_heads,
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, SPLITS_PAD=MAX_SPLITS,
-        IEEE=k_cache.dtype == torch.float32, num_warps=4)  # one variant for every chosen S
+        BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, IEEE=k_cache.dtype == torch.float32,
+        num_warps=4)
+    if split:
+        _paged_decode_merge_kernel[(num_seqs, num_heads)](
+            m, l, acc, seq_lens, out, num_splits, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), TILE_N=TILE,
+            num_warps=4)  # one merge variant for every chosen S (no compiles as eager lengths grow)
     return out
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least `n` arrival counters, kept per device: every launch leaves
-    the counters it used at 0 again, so one buffer serves every layer, step and graph replay. It
-    only grows outside graph capture (the runner warms each batch size up before capturing it)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
-            "arrival counters must be allocated before CUDA-graph capture"
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf

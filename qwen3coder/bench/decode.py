@@ -240,6 +240,9 @@ def run(args: argparse.Namespace) -> str:
         for n in (1, 16):
             scenario(f"profile_bs{n}", lambda n=n: profiles.__setitem__(
                 f"decode_bs{n}", profile_decode(llm, n, cfg.vocab_size, steps=8 if quick else 32)))
+        if not quick:  # the decode steps of the offline 10 x 2048 -> 1024 scenario (long contexts)
+            scenario("profile_bs10_ctx2k", lambda: profiles.__setitem__(
+                "decode_bs10_ctx2048", profile_decode(llm, 10, cfg.vocab_size, steps=16, prompt_len=2048)))
         n_p, p_len = (2, 128) if quick else (8, 1024)
         scenario("profile_prefill", lambda: profiles.__setitem__(
             f"prefill_{n_p}x{p_len}", profile_prefill(llm, n_p, p_len, cfg.vocab_size)))

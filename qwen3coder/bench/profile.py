@@ -38,13 +38,13 @@ def family_of(name: str) -> str:
     return "other"
 
 
-def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32) -> dict[str, Any]:
+def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32, prompt_len: int = 128) -> dict[str, Any]:
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
     for i in range(batch):
-        engine.add_request(f"profile-{batch}-{i}",
-                           {"prompt_token_ids": torch.randint(0, vocab, (128,), generator=g).tolist()}, params)
+        engine.add_request(f"profile-{batch}-{prompt_len}-{i}",
+                           {"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}, params)
     for _ in range(8):  # prefill and a few decode steps outside the recording
         engine.step()
     result = _record(llm, lambda: [engine.step() for _ in range(steps)], steps)
@@ -53,7 +53,7 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32) -> dict[st
     replay = graph_replay_ms(llm, batch)
     if replay is not None:  # the decode graph alone: its kernels plus the gaps between them
         result["graph_replay_ms"] = replay
-    return {"batch": batch, **result}
+    return {"batch": batch, "prompt_len": prompt_len, **result}
 
 
 def graph_replay_ms(llm: LLM, batch: int, iters: int = 50) -> float | None:

@@ -154,11 +154,18 @@ class CompletionHandler:
                     index = k * req.n + c.index
                     text, lp = self._text_and_logprobs(req, prompts[k], out, c, echo_done=index in echoed)
                     echoed.add(index)
-                    if not text and c.finish_reason is None and lp is None:
+                    # with a tokenizer an empty delta is text held back (a partial character, a possible
+                    # stop string): skip it; without one (skip_tokenizer_init) text is always empty and
+                    # each chunk carries the new token ids instead, so clients still see tokens stream
+                    tokenizer_less = self.state.tokenizer is None
+                    if not text and c.finish_reason is None and lp is None and not (tokenizer_less and c.token_ids):
                         continue
+                    choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                              "stop_reason": c.stop_reason}
+                    if tokenizer_less:
+                        choice["token_ids"] = list(c.token_ids)
                     body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                            "choices": [{"index": index, "text": text, "logprobs": lp,
-                                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]}
+                            "choices": [choice]}
                     yield sse(json.dumps(body, ensure_ascii=False))
             if include_usage:
                 body = {"id": request_id, "object": "text_completion", "created": created, "model": model,

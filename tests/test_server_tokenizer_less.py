@@ -1,0 +1,37 @@
+"""A server over an engine without a tokenizer (`skip_tokenizer_init`, e.g. `qwen3coder bench`'s online
+scenario on random weights): completions take token-id prompts, and a stream still delivers every token
+as it is generated — each chunk carries the new `token_ids` (text is empty), instead of nothing until
+the final chunk (which made the benchmark's time to first token equal the whole request)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from qwen3coder.cli import build_parser
+from qwen3coder.engine import LLM
+from qwen3coder.engine.async_engine import AsyncLLMEngine
+from qwen3coder.server.launcher import LocalServer
+from tests.test_engine_helpers import random_model
+
+
+def test_tokenizer_less_stream_carries_token_ids():
+    llm = LLM(random_model("tiny"), device="cpu", skip_tokenizer_init=True, max_model_len=128, num_kv_blocks=32)
+    args = build_parser().parse_args(["serve", "--served-model-name", "m", "--disable-access-log"])
+    body = {"model": "m", "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0.0, "ignore_eos": True,
+            "stream": True}
+    with LocalServer(args, engine=AsyncLLMEngine(llm.llm_engine)) as server:
+        chunks = []
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+        plain = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=60).json()
+    choices = [c["choices"][0] for c in chunks if c.get("choices")]
+    assert len(choices) >= 2, "tokens must stream before the final chunk"
+    assert all(c["text"] == "" for c in choices)
+    streamed = [t for c in choices for t in c["token_ids"]]
+    assert len(streamed) == 6 and choices[-1]["finish_reason"] == "length"
+    assert plain["choices"][0]["finish_reason"] == "length"

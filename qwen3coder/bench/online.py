@@ -70,8 +70,8 @@ def online_throughput(llm: Any, vocab: int, num_prompts: int, input_len: int, ou
     with LocalServer(args, engine=AsyncLLMEngine(llm.llm_engine)) as server:
         # warm-up with the load's shapes (other prompts, 4 tokens each): the mixed prefill + decode steps
         # of the first requests compile Triton kernels for new specialisations, a start-up cost
-        asyncio.run(_clients(server.url, "bench", warm, 4, concurrency))
-        elapsed, ttfts, out_tokens = asyncio.run(_clients(server.url, "bench", prompts, output_len, concurrency))
+        _clients_in_subprocess(server.url, "bench", warm, 4, concurrency)
+        elapsed, ttfts, out_tokens = _clients_in_subprocess(server.url, "bench", prompts, output_len, concurrency)
     ttfts.sort()
     return {
         "online_concurrency": concurrency,
@@ -82,3 +82,36 @@ def online_throughput(llm: Any, vocab: int, num_prompts: int, input_len: int, ou
         "online_ttft_ms_p50": round(1000 * statistics.median(ttfts), 1),
         "online_ttft_ms_p99": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1),
     }
+
+
+def _clients_in_subprocess(url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int
+                           ) -> tuple[float, list[float], int]:
+    """Run the streaming clients in another Python process: parsing every token's SSE chunk must not
+    compete with the server and the engine for this process's GIL (a real client is elsewhere)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"url": url, "model": model, "prompts": prompts, "output_len": output_len,
+                   "concurrency": concurrency}, f)
+    try:
+        r = subprocess.run([sys.executable, "-m", "qwen3coder.bench.online", f.name], capture_output=True,
+                           text=True, timeout=1800)
+    finally:
+        os.unlink(f.name)
+    if r.returncode != 0:
+        raise RuntimeError(f"online clients failed: {r.stderr[-2000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return out["elapsed"], out["ttfts"], out["tokens"]
+
+
+if __name__ == "__main__":  # the client process of `_clients_in_subprocess`
+    import sys
+
+    with open(sys.argv[1]) as f:
+        job = json.load(f)
+    elapsed, ttfts, tokens = asyncio.run(_clients(job["url"], job["model"], job["prompts"], job["output_len"],
+                                                  job["concurrency"]))
+    print(json.dumps({"elapsed": elapsed, "ttfts": ttfts, "tokens": tokens}))

@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--prefill-batches", default="1024,8192", help="prefill batches (tokens per step)")
     ap.add_argument("--layers", type=int, default=48, help="block forwards per graph, decode batches")
     ap.add_argument("--prefill-layers", type=int, default=4, help="block forwards per graph, prefill")
+    ap.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     args = ap.parse_args()
     torch.manual_seed(0)
     block = SparseMoeBlock(HIDDEN, EXPERTS, TOP_K, INTER, norm_topk_prob=True).cuda().bfloat16()
@@ -99,7 +100,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if n == 1 or n == max(b for b, _ in batches):
                 print(f"batch {n} kernels, Triton routing:", names, "\ntorch routing:", names_torch, flush=True)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "results": results}))
+    from qwen3coder.bench.results import write_result
+
+    write_result("moe_routing_30b-a3b", {"results": results}, out_dir=args.out_dir)
 
 
 if __name__ == "__main__":

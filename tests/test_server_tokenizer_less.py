@@ -35,3 +35,4 @@ def test_tokenizer_less_stream_carries_token_ids():
     streamed = [t for c in choices for t in c["token_ids"]]
     assert len(streamed) == 6 and choices[-1]["finish_reason"] == "length"
     assert plain["choices"][0]["finish_reason"] == "length"
+    assert plain["choices"][0]["token_ids"] == streamed  # greedy: the same tokens

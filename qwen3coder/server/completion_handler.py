@@ -115,8 +115,11 @@ class CompletionHandler:
             for c in final.outputs:
                 n_out += len(c.token_ids)
                 text, lp = self._text_and_logprobs(req, prompts[k], final, c)
-                choices.append({"index": k * req.n + c.index, "text": text, "logprobs": lp,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                choice = {"index": k * req.n + c.index, "text": text, "logprobs": lp,
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if self.state.tokenizer is None:  # no text without a tokenizer: give the ids
+                    choice["token_ids"] = list(c.token_ids)
+                choices.append(choice)
         return JSONResponse({"id": request_id, "object": "text_completion", "created": int(time.time()),
                              "model": model, "choices": choices, "usage": usage(n_prompt, n_out, cached),
                              "system_fingerprint": None})

@@ -65,17 +65,9 @@ def graph_replay_ms(llm: LLM, batch: int, iters: int = 50) -> float | None:
     bucket = next((b for b in sorted(graphs) if b >= batch), None)
     if bucket is None:
         return None
-    graph = graphs[bucket]
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) / iters, 3)
+    from qwen3coder.bench.timing import replay_ms
+
+    return round(replay_ms(graphs[bucket], iters), 3)
 
 
 def profile_prefill(llm: LLM, num_prompts: int, prompt_len: int, vocab: int) -> dict[str, Any]:

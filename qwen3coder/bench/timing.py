@@ -21,13 +21,18 @@ def cuda_graph_us(fn: Callable[[], object], reps: int, iters: int = 50) -> float
     with torch.cuda.graph(g):
         for _ in range(reps):
             fn()
-    for _ in range(5):
-        g.replay()
+    return replay_ms(g, iters, warmup=5) * 1000 / reps
+
+
+def replay_ms(graph: "torch.cuda.CUDAGraph", iters: int, warmup: int = 3) -> float:
+    """ms per replay of a captured graph (CUDA events around `iters` replays, after `warmup`)."""
+    for _ in range(warmup):
+        graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
     for _ in range(iters):
-        g.replay()
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (iters * reps)
+    return start.elapsed_time(end) / iters

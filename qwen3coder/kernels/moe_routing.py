@@ -87,27 +87,25 @@ class RoutedPairs(NamedTuple):
 if triton is not None:
 
     @triton.jit
-    def _fused_route_align_kernel(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr,
-                                  num_tokens, num_experts, stride_lm, num_slots, num_blocks,
-                                  TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  N_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-                                  RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                                  BLOCKS_PAD: tl.constexpr):
-        """One program: softmax + top-k + renorm + cast, then the alignment (see the module docstring)."""
-        rows = tl.arange(0, N_PAD)
+    def _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
+                            TOP_K: tl.constexpr, NORM: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr,
+                            K_PAD: tl.constexpr):
+        """Rows `rows` [ROWS] of router logits: softmax in fp32, top-k by iterative max-and-mask (the
+        lowest expert index first among equal logits), renormalised when NORM, stored as weights (cast)
+        and int32 ids. Returns `slot [ROWS, E_PAD]`: the position j of expert e in token n's top-k, or
+        -1 (also for rows past `num_tokens`)."""
         cols = tl.arange(0, E_PAD)
         row_ok = rows < num_tokens
         col_ok = cols < num_experts
-        x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :],
+        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lm + cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         x = tl.where(col_ok[None, :], x, float("-inf"))  # padding rows stay finite (0): no NaN
         row_max = tl.max(x, axis=1)
         denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
-
         ks = tl.arange(0, K_PAD)
-        top_w = tl.zeros((N_PAD, K_PAD), tl.float32)
-        top_id = tl.zeros((N_PAD, K_PAD), tl.int32)
-        slot = tl.full((N_PAD, E_PAD), -1, tl.int32)  # position j of expert e in token n's top-k, or -1
+        top_w = tl.zeros((ROWS, K_PAD), tl.float32)
+        top_id = tl.zeros((ROWS, K_PAD), tl.int32)
+        slot = tl.full((ROWS, E_PAD), -1, tl.int32)
         val = x
         for j in tl.static_range(TOP_K):
             m = tl.max(val, axis=1)
@@ -124,6 +122,22 @@ if triton is not None:
         out_mask = row_ok[:, None] & (ks < TOP_K)[None, :]
         tl.store(weights_ptr + out_off, top_w.to(weights_ptr.dtype.element_ty), mask=out_mask)
         tl.store(ids_ptr + out_off, top_id, mask=out_mask)
+        return tl.where(row_ok[:, None], slot, -1)
+
+    @triton.jit
+    def _fused_route_align_kernel(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr,
+                                  num_tokens, num_experts, stride_lm, num_slots, num_blocks,
+                                  TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  N_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                                  RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr,
+                                  BLOCKS_PAD: tl.constexpr):
+        """One program: softmax + top-k + renorm + cast, then the alignment (see the module docstring)."""
+        rows = tl.arange(0, N_PAD)
+        cols = tl.arange(0, E_PAD)
+        row_ok = rows < num_tokens
+        col_ok = cols < num_experts
+        slot = _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
+                                   TOP_K, NORM, N_PAD, E_PAD, K_PAD)
 
         # alignment: runs of BLOCK_M-padded slots per expert, in expert order
         num_pairs = num_tokens * TOP_K
@@ -201,35 +215,10 @@ if triton is not None:
         tile = tl.program_id(0)
         rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, E_PAD)
-        row_ok = rows < num_tokens
         col_ok = cols < num_experts
-        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lm + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        x = tl.where(col_ok[None, :], x, float("-inf"))  # padding rows stay finite (0): no NaN
-        row_max = tl.max(x, axis=1)
-        denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
-
-        ks = tl.arange(0, K_PAD)
-        top_w = tl.zeros((BLOCK_T, K_PAD), tl.float32)
-        top_id = tl.zeros((BLOCK_T, K_PAD), tl.int32)
-        chosen = tl.zeros((BLOCK_T, E_PAD), tl.int32)
-        val = x
-        for j in tl.static_range(TOP_K):
-            m = tl.max(val, axis=1)
-            idx = tl.min(tl.where(val == m[:, None], cols[None, :], E_PAD), axis=1)  # lowest index on ties
-            hit = cols[None, :] == idx[:, None]
-            chosen = tl.where(hit, 1, chosen)
-            val = tl.where(hit, float("-inf"), val)
-            p = tl.exp(m - row_max) / denom
-            top_w = tl.where(ks[None, :] == j, p[:, None], top_w)
-            top_id = tl.where(ks[None, :] == j, idx[:, None], top_id)
-        if NORM:
-            top_w = top_w / tl.sum(top_w, axis=1)[:, None]  # columns >= TOP_K hold 0
-        out_off = rows[:, None] * TOP_K + ks[None, :]
-        out_mask = row_ok[:, None] & (ks < TOP_K)[None, :]
-        tl.store(weights_ptr + out_off, top_w.to(weights_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(ids_ptr + out_off, top_id, mask=out_mask)
-        chosen = tl.where(row_ok[:, None], chosen, 0)
+        slot = _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
+                                   TOP_K, NORM, BLOCK_T, E_PAD, K_PAD)
+        chosen = (slot >= 0).to(tl.int32)
         tl.store(hist_ptr + tile * num_experts + cols, tl.sum(chosen, axis=0), mask=col_ok)
 
     @triton.jit

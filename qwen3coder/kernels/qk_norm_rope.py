@@ -13,7 +13,7 @@ once per program and shared by its heads.
 The tile shape comes from the token count (`launch_config`, host shapes only, so a captured CUDA
 graph replays the same grid; nothing syncs with the host): decode-sized steps keep a program per
 (token, head), as many programs as possible for a latency-bound launch; prefill steps take tiles
-of ~4K elements (e.g. 8 tokens × 4 heads at head_dim 128), to cut the per-program overhead and the
+of ~4K elements (16 tokens × 2 heads at head_dim 128), to cut the per-program overhead and the
 re-reads of cos/sin (once per head group, not per head) in a bandwidth-bound launch.
 
 The inputs may be strided views of the packed `qkv_proj` output — for Qwen3-Next's gated attention

@@ -281,6 +281,9 @@ def _add_serving_commands(sub: Any) -> None:
     _add_model_args(s)
     add_engine_args(s)
     add_server_args(s)
+    s.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
+                   help="before serving, run dummy requests so that kernels compile for prefill and mixed "
+                        "steps (auto: on a GPU)")
     s.set_defaults(func=cmd_serve)
     for name, helptext, func in (("chat", "chat in the terminal", cmd_chat),
                                  ("complete", "plain or fill-in-the-middle completion to stdout", cmd_complete)):

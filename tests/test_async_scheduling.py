@@ -162,3 +162,32 @@ def test_async_scheduling_defaults():
     cfg = ModelConfig.preset("tiny")
     assert EngineConfig.create(cfg, device="cpu").async_scheduling is False
     assert EngineConfig.create(cfg, device="cpu", async_scheduling=True).async_scheduling is True
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_warmup_leaves_the_engine_as_it_was(model, async_scheduling):
+    """`LLMEngine.warmup` (run by `qwen3coder serve` on a GPU before serving) drives prefill, chunked
+    and mixed steps through the normal loop, then leaves no request, no used or cached block, and the
+    statistics and outputs of later requests unchanged."""
+    kw = dict(device="cpu", skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64,
+              max_num_batched_tokens=64, async_scheduling=async_scheduling)
+    engine = LLMEngine.from_pretrained(model, **kw)
+    fresh = LLMEngine.from_pretrained(model, **kw)
+    launches = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, prev=None: launches.append(
+        sorted(e.num_new_tokens for e in sched.seqs)) or launch(sched, prev)
+    seconds = engine.warmup()
+    assert seconds >= 0
+    assert any(len(n) > 1 and n[0] == 1 and n[-1] > 1 for n in launches), "no mixed prefill + decode step"
+    assert any(max(n) == 64 for n in launches), "no full-budget (chunked) prefill step"
+    assert_all_free(engine)
+    bm = engine.scheduler.block_manager
+    assert not bm.hash_to_block and bm.num_cache_queries == 0
+    stats = engine.get_stats()
+    assert stats.num_requests_finished == 0 and stats.prompt_tokens_total == 0
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert run_engine(engine, PROMPTS[:3], greedy) == run_engine(fresh, PROMPTS[:3], greedy)
+    engine.add_request("busy", {"prompt_token_ids": [3, 4]}, greedy)
+    with pytest.raises(RuntimeError, match="unfinished"):
+        engine.warmup()

@@ -1,7 +1,8 @@
 """A server over an engine without a tokenizer (`skip_tokenizer_init`, e.g. `qwen3coder bench`'s online
 scenario on random weights): completions take token-id prompts, and a stream still delivers every token
 as it is generated — each chunk carries the new `token_ids` (text is empty), instead of nothing until
-the final chunk (which made the benchmark's time to first token equal the whole request)."""
+the final chunk (which made the benchmark's time to first token equal the whole request). Also the
+engine warm-up that `serve --warmup` runs before serving."""
 
 from __future__ import annotations
 
@@ -50,3 +51,25 @@ def test_tokenizer_less_stream_carries_token_ids(async_scheduling):
     assert plain["choices"][0]["finish_reason"] == "length"
     assert plain["choices"][0]["token_ids"] == streamed  # greedy: the same tokens
     assert [len(t) for t in together] == [5, 6, 7, 8] and together == alone
+
+
+def test_serve_warmup_flag(caplog):
+    """`serve --warmup on` warms the engine up before it is handed to the server (auto: on a GPU only)."""
+    import logging
+
+    from qwen3coder.server.launcher import build_engine
+
+    argv = ["serve", "--preset", "tiny", "--load-format", "dummy", "--device", "cpu", "--max-model-len", "128",
+            "--num-kv-blocks", "64"]
+    with caplog.at_level(logging.INFO, logger="qwen3coder.server"):
+        engine = build_engine(build_parser().parse_args(argv + ["--warmup", "on"]))
+    try:
+        assert "warm-up done" in caplog.text
+        assert engine.engine.get_stats().num_requests_finished == 0
+    finally:
+        engine.shutdown()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qwen3coder.server"):
+        engine = build_engine(build_parser().parse_args(argv))  # auto on a CPU: no warm-up
+    engine.shutdown()
+    assert "warm-up" not in caplog.text

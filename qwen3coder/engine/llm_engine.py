@@ -152,6 +152,45 @@ class LLMEngine:
     def get_stats(self, drain: bool = False) -> EngineStats:
         return self.stats.snapshot(self.scheduler, drain)
 
+    def warmup(self, prompt_lens: list[int] | None = None, max_tokens: int = 3) -> float:
+        """Run dummy requests through the normal step loop before serving, so the kernels that are
+        compiled on first use (Triton JIT, per shape class) are compiled for prefill, chunked-prefill
+        and mixed prefill + decode steps (decode is compiled when the CUDA graphs are captured).
+        The prompts run together, so short ones decode while long ones are still being chunked.
+        Leaves the engine as it was: no request, every block free, nothing added to the prefix
+        cache, statistics unchanged. Returns the seconds it took. Only for an idle engine."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warmup: the engine has unfinished requests")
+        sched = self.config.scheduler
+        limit = sched.max_model_len - max_tokens - 1
+        if prompt_lens is None:
+            prompt_lens = [1, 17, 100, 700, sched.max_num_batched_tokens + 300]
+        lens = sorted({min(max(1, n), limit) for n in prompt_lens if limit >= 1})
+        cap = self.runner.num_kv_blocks * self.config.cache.block_size
+        t0 = time.monotonic()
+        bm, old_stats, preemptions = self.scheduler.block_manager, self.stats, self.scheduler.num_preemptions
+        queries, hits = bm.num_cache_queries, bm.num_cache_hits
+        caching = self.scheduler.enable_prefix_caching
+        self.scheduler.enable_prefix_caching = bm.enable_prefix_caching = False  # no dummy prefixes kept
+        self.stats = StatsCollector()
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        try:
+            used = 0
+            for i, n in enumerate(lens):
+                used += n + max_tokens
+                if used > cap or i >= sched.max_num_seqs:
+                    break
+                ids = [(7919 * (i + 1) + 104729 * j) % self.vocab_size for j in range(n)]
+                self.add_request(f"__warmup-{i}", {"prompt_token_ids": ids}, params)
+            while self.has_unfinished_requests():
+                self.step()
+        finally:
+            self.abort_request([r for r in list(self.scheduler.requests) if r.startswith("__warmup-")])
+            self.scheduler.enable_prefix_caching = bm.enable_prefix_caching = caching
+            self.stats, self.scheduler.num_preemptions = old_stats, preemptions
+            bm.num_cache_queries, bm.num_cache_hits = queries, hits
+        return time.monotonic() - t0
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule, run, apply the sampled tokens, make outputs.

@@ -85,6 +85,10 @@ def build_engine(args: argparse.Namespace) -> Any:
     except Exception as e:  # noqa: BLE001 - any other loader failure is a checkpoint that will not load
         where = args.model or "the default model"
         raise LaunchError(f"the checkpoint at {where} will not load: {type(e).__name__}: {e}") from e
+    warmup = getattr(args, "warmup", "off")
+    if warmup == "on" or (warmup == "auto" and engine.config.device.type == "cuda"):
+        logger.info("warm-up: compiling kernels for prefill and mixed steps ...")
+        logger.info("warm-up done in %.1f s", engine.warmup())
     return AsyncLLMEngine(engine)
 
 

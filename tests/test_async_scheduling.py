@@ -191,3 +191,12 @@ def test_warmup_leaves_the_engine_as_it_was(model, async_scheduling):
     engine.add_request("busy", {"prompt_token_ids": [3, 4]}, greedy)
     with pytest.raises(RuntimeError, match="unfinished"):
         engine.warmup()
+
+
+def test_warmup_hybrid_keeps_no_state_snapshot():
+    engine = LLMEngine.from_pretrained(random_model("tiny-next"), device="cpu", skip_tokenizer_init=True,
+                                       max_model_len=512, num_kv_blocks=64, max_num_batched_tokens=64,
+                                       async_scheduling=True)
+    engine.warmup()
+    assert_all_free(engine)
+    assert not engine.scheduler.state_manager.snapshots

@@ -137,22 +137,32 @@ def test_failed_launch_ahead_fails_only_its_requests(model):
     assert len(again[0].outputs[0].token_ids) == 5 and again[0].error is None
 
 
-def test_waiting_requests_are_admitted_between_async_steps(model):
-    """A request added while steps run ahead is admitted at the next step boundary, not starved."""
-    engine = LLMEngine.from_pretrained(model, device="cpu", skip_tokenizer_init=True, max_model_len=256,
-                                       num_kv_blocks=64, async_scheduling=True)
+def test_waiting_requests_join_a_step_launched_ahead(model):
+    """A request added while steps run ahead is admitted into the next launched-ahead step (its prompt
+    is known on the host): no synchronous step is needed for it, and tokens equal the sync engine's."""
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    engine.add_request("first", {"prompt_token_ids": PROMPTS[0]}, params)
-    for _ in range(5):
-        engine.step()
-    engine.add_request("second", {"prompt_token_ids": PROMPTS[1]}, params)
-    for _ in range(3):
-        engine.step()
-    second = engine.scheduler.requests["second"].seqs[0]
-    assert second.num_computed_tokens > 0
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert_all_free(engine)
+    results = {}
+    for async_scheduling in (False, True):
+        engine = LLMEngine.from_pretrained(model, device="cpu", skip_tokenizer_init=True, max_model_len=256,
+                                           num_kv_blocks=64, async_scheduling=async_scheduling)
+        launched, launch = [], engine.runner.launch
+        engine.runner.launch = lambda sched, prev=None: launched.append(
+            (prev is not None, {e.seq.request.request_id for e in sched.seqs if e.num_new_tokens > 1})
+        ) or launch(sched, prev)
+        engine.add_request("first", {"prompt_token_ids": PROMPTS[0]}, params)
+        for _ in range(5):
+            engine.step()
+        engine.add_request("second", {"prompt_token_ids": PROMPTS[1]}, params)
+        out = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+        assert_all_free(engine)
+        results[async_scheduling] = out
+        if async_scheduling:
+            assert any(ahead and "second" in prefills for ahead, prefills in launched)
+    assert results[True] == results[False]
 
 
 def test_async_scheduling_defaults():

@@ -187,13 +187,13 @@ class Scheduler:
         EOS, a stop token or a stop string is only known to after `prev`; its share of this step is
         then wasted and dropped (`update_from_output` skips finished sequences).
 
-        Returns None — the engine then waits for `prev` and schedules normally — whenever this plan
-        could differ from what `schedule()` would do: requests waiting for admission, a sequence of
-        the running set that `prev` did not sample (prefill chunks), forks, block or state copies
-        pending, a hybrid snapshot due, or not enough free blocks without preemption.
+        Waiting requests are admitted into the rest of the token budget as `schedule()` admits them
+        (their prompts are known on the host). Returns None — the engine then waits for `prev` and
+        schedules normally — whenever this plan could differ from what `schedule()` would do: a
+        sequence of the running set that `prev` did not sample (prefill chunks), forks, block or state
+        copies pending, a hybrid snapshot due, or not enough free blocks without preemption.
         """
-        if (self.waiting and len(self.running) < self.config.max_num_seqs) or self.pending_block_copies \
-                or self.pending_state_copies or prev.num_preempted:
+        if self.pending_block_copies or self.pending_state_copies or prev.num_preempted:
             return None
         if len(prev.seqs) != len(self.running) or any(
                 not e.sample or e.children or e.seq.status is not SequenceStatus.RUNNING or e.seq.snapshot_at
@@ -222,7 +222,11 @@ class Scheduler:
             seq.num_computed_tokens = start  # what update_from_output(prev) will set too
             seq.append_pending()
             entries.append(ScheduledSeq(seq, 1, start, sample=True, has_initial_state=True))
-        return SchedulerOutput(entries, [], [], len(entries))
+        budget = self._admit(entries, self.config.max_num_batched_tokens - len(entries))  # new requests join
+        out = SchedulerOutput(entries, self.pending_block_copies, self.pending_state_copies,
+                              self.config.max_num_batched_tokens - budget)
+        self.pending_block_copies, self.pending_state_copies = [], []
+        return out
 
     def _admit(self, entries: list[ScheduledSeq], budget: int) -> int:
         bm, bs = self.block_manager, self.block_size

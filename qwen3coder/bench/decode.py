@@ -5,8 +5,8 @@
     qwen3coder bench --preset 30b-a3b --profile                # where decode time goes
 
 Metrics (keys of the JSON under benchmarks/results/): decode_bs{1,16,64}_tok_s (output tokens/s of the
-decode phase: 128-token prompts; decode_bs1_sync_tok_s without async scheduling), hbm_fraction_bs1 (bytes a batch-1 decode step must read / step time
-/ the copy bandwidth measured in the same run), ttft_ms_{1k,8k,32k}, offline_10x2048x1024_output_tok_s,
+decode phase: 128-token prompts; decode_bs1_sync_tok_s without async scheduling), hbm_fraction_bs1
+(bytes a batch-1 decode step must read / step time / the copy bandwidth measured in the same run), ttft_ms_{1k,8k,32k}, offline_10x2048x1024_output_tok_s,
 offline_64x1024x128_total_tok_s (each after a warm-up call of the same shapes: Triton's compiles are a
 start-up cost), online_* (streaming clients through the server at a given
 concurrency), and with --compare-transformers transformers_decode_bs{1,16}_tok_s on

@@ -225,9 +225,7 @@ class LLMEngine:
             if nxt is not None or nxt_failed is not None:
                 ahead = nxt.sched if nxt is not None else nxt_failed[0]
                 for entry in ahead.seqs:  # their pending tokens will never be read
-                    if entry.seq.has_pending_token:
-                        entry.seq.token_ids.pop()
-                        entry.seq.has_pending_token = False
+                    entry.seq.drop_pending()
             return outputs + self._step_failed(sched, e)
         now = time.monotonic()
         for e in sched.seqs:

@@ -115,6 +115,12 @@ class Sequence:
         self.token_ids.append(PENDING_TOKEN)
         self.has_pending_token = True
 
+    def drop_pending(self) -> None:
+        """Async scheduling: forget a pending placeholder whose token will never be read."""
+        if self.has_pending_token:
+            self.token_ids.pop()
+            self.has_pending_token = False
+
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request.request_id}, idx={self.index}, "
                 f"len={len(self)}, computed={self.num_computed_tokens}, status={self.status.value})")

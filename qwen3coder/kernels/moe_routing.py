@@ -135,7 +135,6 @@ if triton is not None:
         rows = tl.arange(0, N_PAD)
         cols = tl.arange(0, E_PAD)
         row_ok = rows < num_tokens
-        col_ok = cols < num_experts
         slot = _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
                                    TOP_K, NORM, N_PAD, E_PAD, K_PAD)
 

@@ -25,6 +25,7 @@ import triton
 from qwen3coder.bench.results import write_result
 from qwen3coder.bench.timing import cuda_graph_us
 from qwen3coder.kernels import fused_moe as fm
+from qwen3coder.kernels.pdl import pdl_launch
 from qwen3coder.models.layers.moe import route
 
 HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
@@ -88,14 +89,14 @@ def main() -> None:
                         fm._gate_up_swiglu_kernel[(be.numel(), triton.cdiv(INTER, bn))](
                             x, w13[li], act, si, be, pairs, INTER, HIDDEN, x.stride(0), w13[li].stride(0),
                             w13[li].stride(1), act.stride(0), TOP_K=TOP_K, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
-                            BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                            BLOCK_K=bk, num_warps=nw, num_stages=ns, **pdl_launch(dev))
                 else:
                     def call(li: int, bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, si=sorted_ids, be=block_expert, act=act,
                              out=out, wflat=wflat):
                         fm._down_proj_kernel[(be.numel(), triton.cdiv(HIDDEN, bn))](
                             act, w2[li], out, si, be, wflat, pairs, HIDDEN, INTER, act.stride(0), w2[li].stride(0),
                             w2[li].stride(1), out.stride(0), IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                            num_warps=nw, num_stages=ns)
+                            num_warps=nw, num_stages=ns, **pdl_launch(dev))
                 try:
                     # one graph replay calls every layer's weights in turn (L2 cannot hold them)
                     us = cuda_graph_us(lambda: [call(li) for li in range(args.layers)], 1, 20) / args.layers

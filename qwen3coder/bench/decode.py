@@ -5,7 +5,8 @@
     qwen3coder bench --preset 30b-a3b --profile                # where decode time goes
 
 Metrics (keys of the JSON under benchmarks/results/): decode_bs{1,16,64}_tok_s (output tokens/s of the
-decode phase: 128-token prompts; decode_bs1_sync_tok_s without async scheduling), hbm_fraction_bs1
+decode phase: 128-token prompts; decode_bs1_sync_tok_s without async scheduling,
+decode_bs{1,16}_nopdl_tok_s with graphs captured without programmatic dependent launch), hbm_fraction_bs1
 (bytes a batch-1 decode step must read / step time / the copy bandwidth measured in the same run), ttft_ms_{1k,8k,32k}, offline_10x2048x1024_output_tok_s,
 offline_64x1024x128_total_tok_s (each after a warm-up call of the same shapes: Triton's compiles are a
 start-up cost), online_* (streaming clients through the server at a given
@@ -25,6 +26,7 @@ import torch
 from qwen3coder.bench.results import write_result
 from qwen3coder.config import ModelConfig
 from qwen3coder.engine import LLM, SamplingParams
+from qwen3coder.kernels import pdl
 from qwen3coder.loader import build_dummy_model
 
 
@@ -186,6 +188,7 @@ def run(args: argparse.Namespace) -> str:
     runner = llm.llm_engine.runner
     engine_info = {"runner": type(runner).__name__,
                    "async_scheduling": llm.llm_engine.config.async_scheduling,
+                   "pdl": dev == "cuda" and pdl.use_pdl(torch.device(dev)),
                    "cuda_graph_batch_sizes": sorted(getattr(runner, "graphs", {}) or {}),
                    "kernels": "triton" if (dev == "cuda" and getattr(model, "supports_cuda_graphs", False))
                    else "torch"}
@@ -209,6 +212,18 @@ def run(args: argparse.Namespace) -> str:
                 llm.llm_engine.config.async_scheduling = True
         scenario("decode_bs1_sync", bs1_sync)
     scenario("decode_bs16", bs(16))
+    if dev == "cuda" and pdl.use_pdl(torch.device(dev)) and hasattr(runner, "recapture_graphs") and not quick:
+        def no_pdl() -> None:  # what programmatic dependent launch brings: graphs captured without it
+            pdl.set_pdl_enabled(False)
+            try:
+                runner.recapture_graphs()
+                for n in (1, 16):
+                    metrics[f"decode_bs{n}_nopdl_tok_s"] = round(decode_tok_s(llm, n, cfg.vocab_size, out_len,
+                                                                              dev), 2)
+            finally:
+                pdl.set_pdl_enabled(True)
+                runner.recapture_graphs()
+        scenario("decode_nopdl", no_pdl)
     scenario("decode_bs64", bs(64))
     for label, n in (("1k", 1024), ("8k", 8192), ("32k", 32768)):
         if quick and n > 2048:

@@ -132,6 +132,16 @@ class CudaModelRunner(ModelRunner):
             torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
 
+    def recapture_graphs(self) -> None:
+        """Capture the decode graphs again, e.g. after switching a launch setting that graphs bake in
+        (programmatic dependent launch, the skinny-GEMM switch); no-op when the runner has none."""
+        if not self.graphs:
+            return
+        self.graphs.clear()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        self.capture_graphs()
+
     def _graph_context(self, bs: int) -> ForwardContext:
         max_len = self.config.scheduler.max_model_len
         return ForwardContext(

@@ -18,9 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen3coder.kernels.pdl import pdl_launch
+
 try:
     import triton
     import triton.language as tl
+
+    from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -108,8 +112,9 @@ if triton is not None:
     def _down_proj_kernel(h_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
                           num_pairs, n_out, k_in, stride_hm, stride_we, stride_wn, stride_om,
                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """out[pair, n] = weight[pair] * sum_k h[pair, k] * W2[expert, n, k]."""
+        pdl_prologue(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -141,9 +146,10 @@ if triton is not None:
     def _gate_up_swiglu_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_pairs, inter, k_in,
                                stride_xm, stride_we, stride_wn, stride_am, TOP_K: tl.constexpr,
                                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr):
+                               BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """act[pair, j] = silu(x[token] . W13[e, j]) * (x[token] . W13[e, inter + j]): gate and up tiles
         in one program, so the [pairs, 2I] intermediate never goes to memory."""
+        pdl_prologue(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -213,14 +219,14 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
         x, gate_up_proj, act, sorted_ids, block_expert, pairs, inter, hidden, x.stride(0),
         gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), TOP_K=k,
         IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
-        num_stages=t.num_stages)
+        num_stages=t.num_stages, **pdl_launch(x.device))
     out = torch.empty(pairs, down_proj.shape[1], dtype=x.dtype, device=x.device)
     t = _fit(tiles.down, down_proj.shape[1], inter)
     _down_proj_kernel[(block_expert.numel(), triton.cdiv(down_proj.shape[1], t.block_n))](
         act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), pairs,
         down_proj.shape[1], inter, act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
         IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
-        num_stages=t.num_stages)
+        num_stages=t.num_stages, **pdl_launch(x.device))
     # The sum over the top-k is not done in the down projection: float atomics would need a zeroed
     # fp32 buffer and a cast back (no fewer launches, and non-deterministic). In the models it is
     # folded into the next fused add+RMSNorm (`reduce=False`, see `SparseMoeBlock.fold_topk_sum`),

@@ -53,9 +53,13 @@ import torch
 
 from qwen3coder.kernels.fused_moe import moe_align_length
 
+from qwen3coder.kernels.pdl import pdl_launch
+
 try:
     import triton
     import triton.language as tl
+
+    from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -130,8 +134,9 @@ if triton is not None:
                                   TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
                                   N_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                                   RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                                  BLOCKS_PAD: tl.constexpr):
+                                  BLOCKS_PAD: tl.constexpr, PDL: tl.constexpr):
         """One program: softmax + top-k + renorm + cast, then the alignment (see the module docstring)."""
+        pdl_prologue(PDL)
         rows = tl.arange(0, N_PAD)
         cols = tl.arange(0, E_PAD)
         row_ok = rows < num_tokens
@@ -187,7 +192,8 @@ def fused_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
         router_logits, weights, ids, sorted_ids, block_expert, n, num_experts, router_logits.stride(0),
         slots, slots // block_m, TOP_K=top_k, NORM=bool(norm_topk_prob), BLOCK_M=block_m, N_PAD=n_pad,
         E_PAD=e_pad, K_PAD=_pow2(top_k), RUN_BLOCKS=_pow2(-(-n // block_m)), SLOTS_PAD=_pow2(slots),
-        BLOCKS_PAD=_pow2(slots // block_m), num_warps=4 if n_pad * e_pad <= 4096 else 8)
+        BLOCKS_PAD=_pow2(slots // block_m), num_warps=4 if n_pad * e_pad <= 4096 else 8,
+        **pdl_launch(dev))
     return RoutedPairs(weights, ids, sorted_ids, block_expert)
 
 
@@ -208,9 +214,10 @@ if triton is not None:
     @triton.jit
     def _route_align_topk_kernel(logits_ptr, weights_ptr, ids_ptr, hist_ptr, num_tokens, num_experts,
                                  stride_lm, TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 E_PAD: tl.constexpr, K_PAD: tl.constexpr):
+                                 E_PAD: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr):
         """Tile t of BLOCK_T tokens: softmax + top-k + renorm + cast as `_fused_route_align_kernel`, and
         hist[t, e] = how many of the tile's tokens chose expert e."""
+        pdl_prologue(PDL)
         tile = tl.program_id(0)
         rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, E_PAD)
@@ -222,9 +229,10 @@ if triton is not None:
 
     @triton.jit
     def _route_align_scan_kernel(hist_ptr, prefix_ptr, totals_ptr, num_tiles, num_experts,
-                                 E_BLOCK: tl.constexpr, T_CHUNK: tl.constexpr):
+                                 E_BLOCK: tl.constexpr, T_CHUNK: tl.constexpr, PDL: tl.constexpr):
         """For E_BLOCK experts: prefix[t, e] = Σ_{t' < t} hist[t', e] (exclusive scan over the tiles)
         and totals[e] = Σ_t hist[t, e]."""
+        pdl_prologue(PDL)
         cols = tl.program_id(0) * E_BLOCK + tl.arange(0, E_BLOCK)
         col_ok = cols < num_experts
         carry = tl.zeros((E_BLOCK,), tl.int32)
@@ -241,10 +249,11 @@ if triton is not None:
     def _route_align_scatter_kernel(ids_ptr, prefix_ptr, totals_ptr, sorted_ids_ptr, block_expert_ptr,
                                     num_tokens, num_experts, num_blocks, blocks_per_program,
                                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-                                    E_PAD: tl.constexpr, B_CHUNK: tl.constexpr):
+                                    E_PAD: tl.constexpr, B_CHUNK: tl.constexpr, PDL: tl.constexpr):
         """Tile t: each pair's slot in `sorted_ids` = run start of its expert + pairs of earlier tiles on
         that expert (prefix[t, e]) + earlier tokens of this tile on it. Then this program's share of the
         blocks: `block_expert` and the sentinel in every slot of them that holds no pair."""
+        pdl_prologue(PDL)
         tile = tl.program_id(0)
         cols = tl.arange(0, E_PAD)
         col_ok = cols < num_experts
@@ -309,16 +318,18 @@ def tiled_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
     e_pad = _pow2(num_experts)
     _route_align_topk_kernel[(num_tiles,)](
         router_logits, weights, ids, hist, n, num_experts, router_logits.stride(0), TOP_K=top_k,
-        NORM=bool(norm_topk_prob), BLOCK_T=block_t, E_PAD=e_pad, K_PAD=_pow2(top_k), num_warps=warps)
+        NORM=bool(norm_topk_prob), BLOCK_T=block_t, E_PAD=e_pad, K_PAD=_pow2(top_k), num_warps=warps,
+        **pdl_launch(dev))
     e_block = min(e_pad, 16)
     _route_align_scan_kernel[(-(-num_experts // e_block),)](
         hist, prefix, totals, num_tiles, num_experts, E_BLOCK=e_block,
-        T_CHUNK=max(2, min(_pow2(num_tiles), 2048 // e_block)), num_warps=4)
+        T_CHUNK=max(2, min(_pow2(num_tiles), 2048 // e_block)), num_warps=4, **pdl_launch(dev))
     per_program = -(-num_blocks // num_tiles)
     _route_align_scatter_kernel[(num_tiles,)](
         ids, prefix, totals, sorted_ids, block_expert, n, num_experts, num_blocks, per_program, TOP_K=top_k,
         BLOCK_M=block_m, BLOCK_T=block_t, E_PAD=e_pad,
-        B_CHUNK=max(2, min(_pow2(per_program), 4096 // max(e_pad, block_m))), num_warps=warps)
+        B_CHUNK=max(2, min(_pow2(per_program), 4096 // max(e_pad, block_m))), num_warps=warps,
+        **pdl_launch(dev))
     return RoutedPairs(weights, ids, sorted_ids, block_expert)
 
 

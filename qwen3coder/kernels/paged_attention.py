@@ -32,9 +32,13 @@ import functools
 
 import torch
 
+from qwen3coder.kernels.pdl import pdl_launch
+
 try:
     import triton
     import triton.language as tl
+
+    from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
@@ -52,10 +56,11 @@ if triton is not None:
                              stride_vb, stride_vs, stride_vh, stride_bt, stride_on, stride_oh, num_splits,
                              num_heads, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr,
-                             IEEE: tl.constexpr):
+                             IEEE: tl.constexpr, PDL: tl.constexpr):
         """One (sequence, KV head, split): online softmax over the split's tiles of the real length.
         Without SPLIT the output is written directly; with SPLIT the partial max (base 2), sum and
         unnormalised output go to m/l/acc, laid out [seq, head, split(, HEAD_DIM)]."""
+        pdl_prologue(PDL)
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -115,9 +120,10 @@ if triton is not None:
     @triton.jit
     def _paged_decode_merge_kernel(m_ptr, l_ptr, acc_ptr, seq_lens_ptr, out_ptr, num_splits, num_heads,
                                    stride_on, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                                   TILE_N: tl.constexpr):
+                                   TILE_N: tl.constexpr, PDL: tl.constexpr):
         """One (sequence, query head): combine the partials of the splits that the sequence's real
         length reaches (the same tile arithmetic as the split kernel); the others are never read."""
+        pdl_prologue(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         seq_len = tl.load(seq_lens_ptr + seq)
@@ -191,10 +197,10 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1), num_splits, num_heads,
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, IEEE=k_cache.dtype == torch.float32,
-        num_warps=4)
+        num_warps=4, **pdl_launch(q.device))
     if split:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
             m, l, acc, seq_lens, out, num_splits, num_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), TILE_N=TILE,
-            num_warps=4)  # one merge variant for every chosen S (no compiles as eager lengths grow)
+            num_warps=4, **pdl_launch(q.device))  # one merge variant for every S (no compiles as lengths grow)
     return out

@@ -28,9 +28,13 @@ import torch
 
 from qwen3coder.kernels.paged_attention import _LOG2E  # the softmax runs in base 2
 
+from qwen3coder.kernels.pdl import pdl_launch
+
 try:
     import triton
     import triton.language as tl
+
+    from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
@@ -80,7 +84,8 @@ if triton is not None:
                               out_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                               stride_on, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              IEEE: tl.constexpr):
+                              IEEE: tl.constexpr, PDL: tl.constexpr):
+        pdl_prologue(PDL)
         mt = tl.program_id(0)
         seq = tl.program_id(1)
         head = tl.program_id(2)
@@ -140,5 +145,6 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4 if block_m == 16 else 8, num_stages=3 if block_m < 128 else 2)
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4 if block_m == 16 else 8, num_stages=3 if block_m < 128 else 2,
+        **pdl_launch(q.device))
     return out

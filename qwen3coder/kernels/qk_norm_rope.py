@@ -35,9 +35,13 @@ from typing import NamedTuple
 
 import torch
 
+from qwen3coder.kernels.pdl import pdl_launch
+
 try:
     import triton
     import triton.language as tl
+
+    from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
@@ -117,9 +121,10 @@ if triton is not None:
                                    stride_cos, stride_sin, stride_on, stride_oh, stride_cs, stride_ch,
                                    HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                    BLOCK_T: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                                   HALF_ALIGN: tl.constexpr, ZERO_CENTERED: tl.constexpr):
+                                   HALF_ALIGN: tl.constexpr, ZERO_CENTERED: tl.constexpr, PDL: tl.constexpr):
         """Program (token tile, head group): groups [0, num_q_groups) take Q_HEADS query heads each, the
         rest KV_HEADS KV heads each, over the tile's BLOCK_T tokens (tail tile and heads masked)."""
+        pdl_prologue(PDL)
         tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         t_mask = tok < num_tokens
         tok = tok.to(tl.int64)
@@ -198,5 +203,5 @@ def fused_qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         cos.stride(0), sin.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(1), k_cache.stride(2),
         HEAD_DIM=head_dim, ROT_DIM=rot_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=cfg.block_t,
         Q_HEADS=cfg.q_heads, KV_HEADS=cfg.kv_heads, HALF_ALIGN=half_align, ZERO_CENTERED=zero_centered,
-        num_warps=cfg.num_warps)
+        num_warps=cfg.num_warps, **pdl_launch(q.device))
     return q_out

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import torch
 
+from qwen3coder.kernels.pdl import pdl_launch
+
 try:
     import triton
     import triton.language as tl
+
+    from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -32,8 +36,9 @@ if triton is not None:
     def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                             stride_x, stride_xk, stride_r, stride_o, stride_ro,
                             HAS_RESIDUAL: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-                            NUM_PARTIALS: tl.constexpr, BLOCK: tl.constexpr):
+                            NUM_PARTIALS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """NUM_PARTIALS 0: x is one row [H] per program; K > 0: K partial rows, `stride_xk` apart."""
+        pdl_prologue(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -87,7 +92,8 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: to
     _add_rmsnorm_kernel[(n_rows,)](
         x2, res2, weight, out, res_out, n_cols, eps, x2.stride(0), stride_xk, res2.stride(0), out.stride(0),
         res_out.stride(0), HAS_RESIDUAL=residual is not None, ZERO_CENTERED=zero_centered,
-        NUM_PARTIALS=num_partials, BLOCK=triton.next_power_of_2(n_cols))
+        NUM_PARTIALS=num_partials, BLOCK=triton.next_power_of_2(n_cols),
+        **pdl_launch(x.device))
     if residual is None:
         return out.view(shape)
     return out.view(shape), res_out.view(shape)

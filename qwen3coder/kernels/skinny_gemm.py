@@ -44,9 +44,13 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen3coder.kernels.pdl import pdl_launch
+
 try:
     import triton
     import triton.language as tl
+
+    from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
@@ -176,9 +180,10 @@ if triton is not None:
                             stride_xm, stride_wn, stride_om,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             DOT: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         """One (BLOCK_N columns, K split): acc [BLOCK_N, BLOCK_M] = W_tile · x^T over the split's K
         range. SPLIT: fp32 partials to part[split, m, n]; else bias, round, store out[m, n]."""
+        pdl_prologue(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -224,9 +229,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["M", "num_splits"])
     def _skinny_gemm_reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, num_splits, stride_om,
-                                   HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                                   HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One (row, BLOCK columns): sum the splits' fp32 partials in split order, add the bias,
         round once."""
+        pdl_prologue(PDL)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -275,9 +281,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2, weight, b, out, part, m, n, k, k_per_split, x2.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT=cfg.dot, SPLIT=splits > 1,
         EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x.device))
     if splits > 1:
         block = min(_REDUCE_BLOCK, triton.next_power_of_2(n))
         _skinny_gemm_reduce_kernel[(m, triton.cdiv(n, block))](
-            part, b, out, m, n, splits, out.stride(0), HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+            part, b, out, m, n, splits, out.stride(0), HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+            **pdl_launch(x.device))
     return out.view(*lead, n)

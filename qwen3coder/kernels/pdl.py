@@ -1,0 +1,101 @@
+"""Programmatic dependent launch (PDL) for the Triton kernels of a decode step.
+
+A batch-1 decode step of Qwen3-30B-A3B is ~500 small kernels of 2-15 µs: every kernel boundary costs
+the next grid's launch and ramp-up (its CTAs being placed, their prologue) on top of the kernels' own
+time. On Hopper and later, a kernel launched with the attribute "programmatic stream serialization"
+(Triton: `launch_pdl=True`) may start while its predecessor in the stream still runs, as soon as every
+CTA of the predecessor has executed `griddepcontrol.launch_dependents`; it must then execute
+`griddepcontrol.wait` — which returns once the predecessor has completed and its memory writes are
+visible — before it touches anything the predecessor may write or read. CUDA-graph capture keeps these
+programmatic edges, so the decode graphs overlap each kernel's launch with the previous one's run.
+
+The protocol every PDL kernel here follows (`pdl_prologue`, first statement of the kernel, before any
+load, store or early return):
+
+1. `gdc_wait()`: nothing of this kernel runs before its predecessor has finished. Hence completion is
+   transitive: a kernel that completed implies every earlier kernel in the stream completed, and so a
+   kernel may read anything written two or more launches back (and the caching allocator's reuse of
+   a buffer that an earlier kernel still reads is safe, as without PDL).
+2. `gdc_launch_dependents()`: once every CTA of this kernel has passed its wait, the next kernel may
+   be launched; its CTAs then sit in their own wait until this one completes. At most two grids are
+   resident at once, and a grid only launches when all CTAs of its predecessor already are (so a
+   waiting grid never keeps a predecessor's CTAs from being scheduled: no deadlock).
+
+Kernels of other libraries (cuBLAS, PyTorch) in between are fine: they neither trigger early nor wait,
+so the stream serialises them as usual. The switch is `QWEN3CODER_PDL` (default on; `0` turns it off)
+or `set_pdl_enabled`; it applies on CUDA devices of compute capability >= 9.0 only — the Triton
+interpreter and older GPUs launch without it, and `pdl_prologue(False)` compiles to nothing. PDL changes
+no arithmetic: outputs are bitwise those of a launch without it (tested in `tests/test_kernels_gpu.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional on CPU
+    triton = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover - triton without grid dependency control (< 3.3)
+    _HAS_GDC = False
+
+_ENABLED = os.environ.get("QWEN3CODER_PDL", "1") != "0"  # read once: hot path
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def set_pdl_enabled(enabled: bool) -> None:
+    """Switch programmatic dependent launch on or off for the whole process (benchmarks compare the
+    two). Kernels compiled for the other setting stay cached; new launches follow the switch."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def pdl_enabled() -> bool:
+    return _ENABLED
+
+
+@functools.lru_cache(maxsize=None)
+def _supports_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels launched for tensors on `device` use PDL: the switch is on, triton has grid
+    dependency control, and `device` is a CUDA device of compute capability >= 9.0 (not the
+    interpreter)."""
+    if not _ENABLED or not _HAS_GDC or _INTERPRET or device.type != "cuda":
+        return False
+    return _supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch whose kernel takes the `PDL` constexpr:
+    `kernel[grid](..., **pdl_launch(x.device))`."""
+    if use_pdl(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+if _HAS_GDC:
+
+    @triton.jit
+    def pdl_prologue(PDL: tl.constexpr):
+        """First statement of a PDL kernel: wait for the predecessor grid, then let the next one launch."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+elif triton is not None:  # pragma: no cover
+
+    @triton.jit
+    def pdl_prologue(PDL: tl.constexpr):
+        """No grid dependency control in this triton: `use_pdl` is always False, nothing to do."""
+        pass

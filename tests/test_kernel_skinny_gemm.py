@@ -220,6 +220,55 @@ def test_linear_dispatches_to_the_kernel(monkeypatch):
     assert not linear_mod.skinny_eligible(x, lin.weight.t().contiguous().t(), None)  # K not unit-stride
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_unreduced_split_partials_fold_into_the_norm(m):
+    """`reduce=False`: the fp32 split partials [M, S, N]; summed in order and rounded once
+    (`SplitKPartials.reduce`, or the fused add+RMSNorm kernel as it adds the residual) they give
+    bitwise what the kernel's own reduction gives, and the norm's outputs are bitwise the unfused ones."""
+    from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm
+    from qwen3coder.models.layers.partials import SplitKPartials
+
+    x, w, _ = _case(m, 48, 512, torch.bfloat16, bias=False, seed=m)
+    cfg = sg.SkinnyConfig(block_n=16, block_k=64, split_k=4)
+    part = sg.skinny_linear(x, w, config=cfg, reduce=False)
+    assert part.shape == (m, 4, 48) and part.dtype == torch.float32
+    reduced = sg.skinny_linear(x, w, config=cfg)
+    assert torch.equal(SplitKPartials(part, x.dtype).reduce(), reduced)
+    g = torch.Generator().manual_seed(m)
+    residual = torch.randn(m, 48, generator=g).to(DEV, torch.bfloat16)
+    weight = (1 + 0.1 * torch.randn(48, generator=g)).to(DEV, torch.bfloat16)
+    normed, new_residual = fused_add_rmsnorm(part, residual, weight, 1e-6)
+    normed_ref, new_residual_ref = fused_add_rmsnorm(reduced, residual, weight, 1e-6)
+    assert normed.dtype == new_residual.dtype == torch.bfloat16
+    assert torch.equal(new_residual, new_residual_ref) and torch.equal(normed, normed_ref)
+    unsplit = sg.skinny_linear(x, w, config=sg.SkinnyConfig(block_n=16, block_k=64, split_k=1), reduce=False)
+    assert unsplit.shape == (m, 48) and unsplit.dtype == torch.bfloat16  # no split: the result itself
+
+
+def test_linear_fold_split_k(monkeypatch):
+    """A `Linear` with `fold_split_k` returns `SplitKPartials` where the kernel splits K (Triton path),
+    which `RMSNorm(partials, residual)` takes; elsewhere (bias, CPU path) a plain tensor."""
+    from qwen3coder.models.layers.norms import RMSNorm
+    from qwen3coder.models.layers.partials import SplitKPartials
+
+    lin = Linear(512, 48, bias=False).to(DEV, torch.bfloat16)
+    lin.fold_split_k = True
+    x = torch.randn(2, 512, device=DEV).to(torch.bfloat16)
+    if not CUDA:
+        assert isinstance(lin(x), torch.Tensor)  # not the Triton path on the CPU
+    monkeypatch.setattr(linear_mod, "use_triton", lambda t: True)
+    monkeypatch.setattr(sg, "skinny_config", lambda m, n, k: sg.SkinnyConfig(block_n=16, block_k=64, split_k=4))
+    monkeypatch.setattr(sg, "use_skinny", lambda *a: True)
+    out = lin(x)
+    assert isinstance(out, SplitKPartials) and out.partials.shape == (2, 4, 48)
+    norm = RMSNorm(48).to(DEV, torch.bfloat16)
+    residual = torch.randn(2, 48, device=DEV).to(torch.bfloat16)
+    got = norm(out, residual)
+    lin.fold_split_k = False
+    want = norm(lin(x), residual)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-next"])
 def test_model_forward_through_the_kernel(monkeypatch, preset):
     """Every linear of a bf16 model (attention, router, shared-expert gate, DeltaNet projections,
@@ -343,3 +392,25 @@ def test_gpu_cuda_graph_replay_is_deterministic():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+def test_gpu_o_proj_split_k_folds_into_the_norm():
+    """At the 30B-A3B o_proj shape (tuned: split-K 4) a folding `Linear` returns `SplitKPartials` on
+    the GPU, and post-attention norm outputs are bitwise those of the unfolded projection."""
+    from qwen3coder.models.layers.norms import RMSNorm
+    from qwen3coder.models.layers.partials import SplitKPartials
+
+    lin = Linear(4096, 2048, bias=False).to(DEV, torch.bfloat16)
+    norm = RMSNorm(2048).to(DEV, torch.bfloat16)
+    for m in (1, 2, 4, 8, 16):
+        x = torch.randn(m, 4096, device=DEV).to(torch.bfloat16)
+        residual = torch.randn(m, 2048, device=DEV).to(torch.bfloat16)
+        with torch.no_grad():
+            lin.fold_split_k = True
+            out = lin(x)
+            assert isinstance(out, SplitKPartials), m
+            got = norm(out, residual)
+            lin.fold_split_k = False
+            want = norm(lin(x), residual)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

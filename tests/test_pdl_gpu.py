@@ -26,7 +26,7 @@ needs_hopper = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("30b-a3b").replace(num_hidden_layers=2)
+    cfg = ModelConfig.preset("30b-a3b").replace(num_hidden_layers=2, layer_types=None)
     return build_dummy_model(cfg, device="cuda", dtype="bfloat16")
 
 

@@ -93,9 +93,23 @@ if _HAS_GDC:
             gdc_wait()
             gdc_launch_dependents()
 
+    @triton.jit
+    def prefetch_l2(ptrs):
+        """Ask L2 for the 128-byte lines holding `ptrs` (one `prefetch.global.L2` per element; no
+        register result, no fault semantics needed: callers pass in-bounds addresses only). Issued
+        before `pdl_prologue` for data no earlier kernel writes (weights), the reads of a kernel
+        overlap its predecessor's run."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
 elif triton is not None:  # pragma: no cover
 
     @triton.jit
     def pdl_prologue(PDL: tl.constexpr):
         """No grid dependency control in this triton: `use_pdl` is always False, nothing to do."""
+        pass
+
+    @triton.jit
+    def prefetch_l2(ptrs):
+        """Never called without grid dependency control (callers guard it with PDL)."""
         pass

@@ -4,10 +4,12 @@
 over memory, with the same math as `qwen3coder.models.layers.norms.RMSNorm` (normalise in fp32;
 standard: cast, then multiply by the weight; zero-centred: multiply by `1 + w` in fp32, then cast).
 
-`x` may also be the unsummed top-k partials `[N, K, H]` of a MoE layer (`fused_moe(reduce=False)`)
-with `residual [N, H]`: the kernel first sums the K partials in fp32 and rounds the sum once to the
-activation dtype — what `partials.sum(dim=1)` gives — then adds the residual and normalises as above.
-That folds the MoE's top-k sum into the next norm instead of a reduction kernel of its own.
+`x` may also be unsummed partials `[N, K, H]` with `residual [N, H]` — the top-k expert outputs of a
+MoE layer (`fused_moe(reduce=False)`, in the activation dtype) or the fp32 split-K products of a skinny
+GEMM (`skinny_linear(reduce=False)`): the kernel first sums the K partials in fp32, in order, and
+rounds the sum once to the residual's dtype — what the layer's own reduction gives — then adds the
+residual and normalises as above. That folds those sums into the next norm instead of a reduction
+kernel of their own (`qwen3coder.models.layers.partials`).
 
 The residual add and the weight multiply compute in fp32 and round to the activation dtype, as torch
 does for bf16 / fp16 tensors. fp32 carries at least 2p + 2 significand bits of bf16 (p = 8) and fp16
@@ -42,12 +44,11 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        dtype = x_ptr.dtype.element_ty
         if NUM_PARTIALS > 0:
             acc = tl.zeros((BLOCK,), tl.float32)
             for k in tl.static_range(NUM_PARTIALS):
                 acc += tl.load(x_ptr + row * stride_x + k * stride_xk + cols, mask=mask, other=0.0).to(tl.float32)
-            x = acc.to(dtype)  # one rounding of the fp32 sum, as torch's .sum(dim=1)
+            x = acc.to(out_ptr.dtype.element_ty)  # one rounding of the fp32 sum (partials may be fp32)
         else:
             x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
@@ -70,8 +71,8 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: to
     """x [..., H] (+ residual, same shape) -> normed (and the new residual when one was given).
 
     Partials: x [N, K, H] with residual [N, H] (one dimension fewer) -> (normed [N, H], new
-    residual [N, H]) where the new residual is `x.sum(dim=1)` (fp32 accumulation, rounded once) +
-    residual. Partials always come with a residual.
+    residual [N, H]) in the residual's dtype, where the new residual is the sum of x over K (fp32
+    accumulation in order, rounded once) + residual. Partials always come with a residual.
     """
     assert triton is not None, "triton is not installed"
     n_cols = x.shape[-1]
@@ -86,7 +87,7 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: to
         x2, stride_xk = x.reshape(-1, n_cols), 0
     shape = residual.shape if num_partials else x.shape
     n_rows = x2.shape[0]
-    out = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
+    out = torch.empty(n_rows, n_cols, dtype=residual.dtype if num_partials else x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
     res2 = residual.reshape(-1, n_cols) if residual is not None else out
     _add_rmsnorm_kernel[(n_rows,)](

@@ -6,7 +6,9 @@ or, for `mlp_only_layers` / `decoder_sparse_step` / model_type `qwen3`, a dense 
 
 A layer returns `(ffn_output, residual)` without adding them: the next layer's `input_layernorm` (or
 the model's final `norm`) does `norm(ffn_output + residual)` in one fused kernel. On the Triton path a
-MoE FFN's output is `TopKPartials` (its top-k sum folded into that kernel too); only RMSNorm takes it.
+MoE FFN's output is `TopKPartials` (its top-k sum folded into that kernel too), and the attention
+output projection's may be `SplitKPartials` (the skinny GEMM's split-K sum folded into
+`post_attention_layernorm`); only RMSNorm takes them (`qwen3coder.models.layers.partials`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Qwen3MoeDecoderLayer(nn.Module):
         self.mlp = build_ffn(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn.o_proj.fold_split_k = True  # its output goes only to post_attention_layernorm
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | TopKPartials, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor | TopKPartials, torch.Tensor]:

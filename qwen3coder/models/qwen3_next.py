@@ -5,7 +5,8 @@
 the first 25% of each head). All norms except the DeltaNet output norm are zero-centred RMSNorms
 (`y = x̂ (1 + w)`). Every FFN is the sparse MoE plus the sigmoid-gated shared expert: with the
 shared expert added to its sum, the MoE block always returns [N, H] (no `TopKPartials`); the layer
-returns it with the residual for the next norm to add, as in `qwen3_moe`.
+returns it with the residual for the next norm to add, as in `qwen3_moe`. The mixers' output
+projections may return `SplitKPartials` (Triton path), which only `post_attention_layernorm` takes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Qwen3NextDecoderLayer(nn.Module):
         self.mlp = build_ffn(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=True)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, zero_centered=True)
+        out_proj = self.linear_attn.out_proj if self.layer_type == "linear_attention" else self.self_attn.o_proj
+        out_proj.fold_split_k = True  # its output goes only to post_attention_layernorm
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | TopKPartials, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor | TopKPartials, torch.Tensor]:

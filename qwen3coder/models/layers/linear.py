@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3coder.kernels import use_triton
+from qwen3coder.models.layers.partials import SplitKPartials
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -48,9 +49,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the skinny-GEMM dispatch of `linear`; parameters and names as nn.Linear's."""
+    """nn.Linear with the skinny-GEMM dispatch of `linear`; parameters and names as nn.Linear's.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    `fold_split_k` (set by a decoder layer where this layer's output goes only to the next
+    `RMSNorm(hidden, residual)`, e.g. the attention output projection): when the skinny kernel splits
+    K, `forward` returns the unreduced `SplitKPartials` and that norm's kernel sums them — one launch
+    fewer per layer, same values (see `qwen3coder.models.layers.partials`)."""
+
+    fold_split_k = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
         if getattr(self, "weight_scale_inv", None) is not None or getattr(self, "weight_scale", None) is not None:
             return F.linear(x, self.weight, self.bias)  # a quantized layer: not for the bf16 kernel
+        if self.fold_split_k and self.bias is None and x.dim() == 2 and use_triton(x) \
+                and skinny_eligible(x, self.weight, None):
+            from qwen3coder.kernels.skinny_gemm import skinny_linear
+
+            y = skinny_linear(x, self.weight, None, reduce=False)
+            return SplitKPartials(y, x.dtype) if y.dim() == 3 else y
         return linear(x, self.weight, self.bias)

@@ -22,8 +22,6 @@ return [N, H].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +29,7 @@ from torch import nn
 from qwen3coder.kernels import use_triton
 from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.mlp import SwiGLUMLP
+from qwen3coder.models.layers.partials import TopKPartials
 
 
 def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, dtype: torch.dtype
@@ -65,25 +64,6 @@ def moe_forward_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
         out[idx] = out[idx] + h.to(out.dtype)
         start += c
     return out
-
-
-@dataclass(frozen=True)
-class TopKPartials:
-    """A MoE layer's output left unsummed: `partials [N, K, H]`, whose sum over K (fp32 accumulation,
-    rounded once to the activation dtype) is the layer's output [N, H]. K is the top-k from
-    `fused_moe`, or 1 where the experts compute the sum themselves (`Experts.forward(reduce=False)`
-    off the Triton kernels, e.g. a training dispatch run under no_grad).
-
-    A distinct type rather than a bare 3-D tensor, so that it cannot be mistaken for hidden states:
-    only `RMSNorm.forward(x, residual)` accepts it (its Triton kernel sums the partials as it adds the
-    residual); anything else must call `reduce()`.
-    """
-
-    partials: torch.Tensor
-
-    def reduce(self) -> torch.Tensor:
-        """The [N, H] sum: fp32 accumulation, one rounding (torch's `.sum` for bf16 / fp16)."""
-        return self.partials.sum(dim=1)
 
 
 class Experts(nn.Module):

@@ -7,8 +7,9 @@
 
 `forward(x, residual)` fuses the residual add of the pre-norm decoder (vLLM's pattern): it returns
 `(norm(x + residual), x + residual)`; the sum is the same one transformers computes. `x` may be a
-MoE layer's `TopKPartials` (Triton path only, see `qwen3coder.models.layers.moe`): the fused kernel
-then also sums the top-k partials, so `x + residual` is `partials.sum(1) + residual`.
+layer output left unsummed, `Partials` (Triton path only: a MoE layer's top-k expert outputs or the
+attention output projection's split-K products, see `qwen3coder.models.layers.partials`): the fused
+kernel then also sums the partials, so `x + residual` is `partials.reduce() + residual`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3coder.kernels import use_triton
-from qwen3coder.models.layers.moe import TopKPartials
+from qwen3coder.models.layers.partials import Partials
 
 
 class RMSNorm(nn.Module):
@@ -35,11 +36,12 @@ class RMSNorm(nn.Module):
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
-    def forward(self, x: torch.Tensor | TopKPartials, residual: torch.Tensor | None = None):
-        """norm(x), or (norm(x + residual), x + residual) when a residual is given. `TopKPartials`
-        (always with a residual) are summed first: in the kernel, or by `reduce()` off the Triton path."""
-        if isinstance(x, TopKPartials):
-            assert residual is not None, "MoE partials are only ever added to a residual"
+    def forward(self, x: torch.Tensor | Partials, residual: torch.Tensor | None = None):
+        """norm(x), or (norm(x + residual), x + residual) when a residual is given. `Partials` (always
+        with a residual) are summed first: in the kernel, or by `reduce()` off the Triton path."""
+        if isinstance(x, Partials):
+            assert residual is not None, "partials are only ever added to a residual"
+            assert x.out_dtype == residual.dtype, (x.out_dtype, residual.dtype)
             x = x.partials if use_triton(x.partials) else x.reduce()  # [N, K, H]: the kernel sums them
         if use_triton(x):
             from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm

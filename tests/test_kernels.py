@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("triton")
 
 from qwen3coder.kernels.fused_moe import GemmTiles, MoETiles, fused_moe, moe_align, moe_tiles  # noqa: E402
-from qwen3coder.kernels.paged_attention import choose_num_splits, paged_attention_decode  # noqa: E402
+from qwen3coder.kernels.paged_attention import (MIN_TILES_PER_SPLIT, choose_num_splits,  # noqa: E402
+                                                paged_attention_decode, splits_used)
 from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm  # noqa: E402
 from qwen3coder.models.context import ForwardContext  # noqa: E402
 from qwen3coder.models.layers.attention import paged_attention_reference  # noqa: E402
@@ -132,6 +133,71 @@ def test_paged_decode_num_splits_choice():
     assert choose_num_splits(64, 4, 32768, cpu) == 1  # a large batch fills the GPU by itself
 
 
+def test_paged_decode_splits_used():
+    """The floor of tiles per split: `max(cdiv(tiles, S), min_tiles)` tiles a split, cdiv(tiles, that)
+    splits in use (64-token tiles)."""
+    assert [splits_used(n, 64, 1) for n in (1, 64, 65, 160, 2048)] == [1, 1, 2, 3, 32]  # no floor
+    assert [splits_used(n, 64, 4) for n in (1, 160, 256, 257, 2048, 8192)] == [1, 1, 1, 2, 8, 32]
+    assert splits_used(64 * 64 * 8, 64, 4) == 64  # long contexts: every split, 8 tiles each
+    assert [splits_used(n, 3, 4) for n in (700, 2048)] == [3, 3]  # cdiv(tiles, S) above the floor
+    assert splits_used(8192, 64, 10 ** 6) == 1
+    assert splits_used(160, 64) == splits_used(160, 64, MIN_TILES_PER_SPLIT)
+
+
+def _decode_nan_scratch(*args, **kwargs) -> torch.Tensor:
+    """`paged_attention_decode` with its output and partial buffers NaN-filled instead of left
+    uninitialised: an output row the kernels fail to write, a partial the merge reads that no split
+    wrote, or a merge that overwrites a directly written output with unwritten partials all show."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+        mp.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+        return paged_attention_decode(*args, **kwargs)
+
+
+# one to five 64-token tiles around the tile boundaries, and longer contexts
+MIXED_LENS = [1, 63, 64, 65, 160, 256, 257, 700]
+
+
+@pytest.mark.parametrize("min_tiles", [1, 2, 4, 1000])
+@pytest.mark.parametrize("num_splits", [3, 64])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size",
+                         [(8, 2, 64, 16), (8, 1, 128, 32), (6, 2, 32, 16)])
+def test_paged_decode_min_tiles(min_tiles, num_splits, heads, kv_heads, head_dim, block_size):
+    """A fixed split count (64: a captured graph's) and a floor of tiles per split: in one batch some
+    sequences use a single split (their output written by the split kernel, the merge skipping them)
+    and others several (merged). Rows of single-split sequences equal the `S == 1` path bitwise."""
+    q, k_cache, v_cache, ctx = _paged_case(MIXED_LENS, heads, kv_heads, head_dim, block_size, torch.float32,
+                                           seed=7, width=64)
+    used = [splits_used(n, num_splits, min_tiles) for n in MIXED_LENS]
+    if num_splits == 64 and min_tiles in (1, 2, 4):
+        assert 1 in used and max(used) > 1  # a mixed batch
+    scale = head_dim ** -0.5
+    expected = paged_attention_reference(q, k_cache, v_cache, ctx, scale)
+    args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale)
+    got = _decode_nan_scratch(*args, num_splits=num_splits, min_tiles_per_split=min_tiles)
+    assert not got.isnan().any()
+    assert (got - expected).abs().max().item() <= TOL[torch.float32] * 4
+    single = _decode_nan_scratch(*args, num_splits=1)
+    one = torch.tensor(used, device=q.device) == 1
+    assert torch.equal(got[one], single[one])
+
+
+def test_paged_decode_min_tiles_default():
+    """None takes the module default; a floor below 1 is clamped to 1 (no floor)."""
+    q, k_cache, v_cache, ctx = _paged_case([160, 700], 4, 1, 64, 16, torch.float32, seed=8)
+    args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, 0.125)
+    default = paged_attention_decode(*args, num_splits=64)
+    assert torch.equal(default, paged_attention_decode(*args, num_splits=64,
+                                                       min_tiles_per_split=MIN_TILES_PER_SPLIT))
+    assert torch.equal(paged_attention_decode(*args, num_splits=64, min_tiles_per_split=0),
+                       paged_attention_decode(*args, num_splits=64, min_tiles_per_split=1))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_paged_decode_cuda_graph_30b_shape():
@@ -178,6 +244,32 @@ def test_paged_decode_cuda_graph_30b_shape():
             assert err <= 2e-2, (batch, real, err)
             eager = paged_attention_decode(q, k_cache, v_cache, tables, lens, scale, max_seq_len=bound)
             assert torch.equal(eager, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_decode_min_tiles_cuda_bf16():
+    """The 30B-A3B shape in bf16 with the split count of a graph captured for max_model_len 32832, for
+    several floors of tiles per split (1: none; 10**6: one split always) and batches mixing single-
+    and multi-split sequences; the tolerance is that of the graph test above. Single-split rows equal
+    the `S == 1` path bitwise, and the output and partials are NaN-filled first (no unwritten row)."""
+    heads, kv_heads, dim, bs, bound = 32, 4, 128, 16, 32832
+    scale = dim ** -0.5
+    for lens in ([160], [300, 1, 2048, 65], [1, 63, 64, 65, 160, 257, 300, 600, 2048, 8191]):
+        q, k_cache, v_cache, ctx = _paged_case(lens, heads, kv_heads, dim, bs, torch.bfloat16, seed=9,
+                                               width=-(-bound // bs))
+        num_splits = choose_num_splits(len(lens), kv_heads, bound, q.device)
+        assert num_splits > 1
+        expected = paged_attention_reference(q.float(), k_cache, v_cache, ctx, scale)
+        args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale)
+        single = paged_attention_decode(*args, num_splits=1)
+        for min_tiles in (1, 2, 4, 8, 16, 10 ** 6):
+            got = _decode_nan_scratch(*args, num_splits=num_splits, min_tiles_per_split=min_tiles)
+            torch.cuda.synchronize()
+            err = (got.float() - expected).abs().max().item()
+            assert err <= 2e-2, (lens, min_tiles, err)
+            one = torch.tensor([splits_used(n, num_splits, min_tiles) == 1 for n in lens], device="cuda")
+            assert torch.equal(got[one], single[one]), (lens, min_tiles)
 
 
 # the add+RMSNorm kernel only loads, casts and stores bf16 (arithmetic in fp32), which the interpreter

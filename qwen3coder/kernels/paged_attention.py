@@ -10,16 +10,22 @@ Design (flash-decoding with a split count fixed on the host, token ranges chosen
   `MAX_SPLITS`. It depends only on (batch size, bound), so a CUDA graph captured with the
   `max_model_len` bound keeps its grid; no host sync, lengths are read on the device only.
 * Each program derives its own token range from the REAL `seq_lens[seq]` loaded in the kernel:
-  the sequence's `cdiv(seq_len, TILE)` tiles are dealt out in equal runs of `cdiv(tiles, S)`, so a
-  short context is spread over all splits, and splits past the end just write an empty partial
-  (m = -inf, l = 0).
+  the sequence's `cdiv(seq_len, TILE)` tiles are dealt out in runs of
+  `per_split = max(cdiv(tiles, S), min_tiles)` tiles, so `used = cdiv(tiles, per_split)` splits do
+  work. The floor `min_tiles` (a runtime argument, default `MIN_TILES_PER_SPLIT`) could keep a short
+  context from being spread one tile per split (with a graph's S = 64, a 160-token context becomes 3
+  one-tile partials and a merge); measured, a floor only made things slower (see the constant), so
+  the default is 1. Programs of splits at or past `used` return at once, writing nothing.
 * The inner loop walks 64-token tiles; a tile's key/value rows are gathered through the block table
   (`block = token // block_size`, any power-of-two block size). Softmax is online, in base 2 with
   `scale * log2(e)` folded into the scores; tokens at or past `seq_len` are masked (and their block
   table entries never read). p is cast to the value dtype before the PV dot.
-* With `S == 1` the program normalises and writes the output directly; otherwise a merge kernel
-  (one program per (sequence, query head)) combines the partials, reading only the splits that can
-  be non-empty for that sequence's real length.
+* With `S == 1`, or when a sequence's real length gives `used == 1`, the (only) working program
+  normalises and writes the output directly. Otherwise a merge kernel (one program per (sequence,
+  query head)) combines the partials of the `used` splits; its programs for `used == 1` sequences
+  return at once (their output is already written). Both kernels compute per_split/used from the
+  same (seq_len, S, min_tiles), so they agree on which path each sequence takes. The direct write
+  equals what the merge would give for one partial (its weight is exp2(0) = 1): same bits.
 
 fp32 caches use IEEE dots (tf32 would break fp32 parity with the CPU path); bf16/fp16 use tensor
 cores natively. `paged_attention_reference` in `qwen3coder.models.layers.attention` is the
@@ -45,26 +51,40 @@ except ImportError:  # pragma: no cover - triton is optional on CPU
 TILE = 64  # tokens per inner-loop step (the N of QK^T, the K of PV)
 MAX_SPLITS = 64  # most partials per (sequence, KV head)
 MIN_ROWS = 16  # query rows of a dot: the GQA group is padded up to this
+# Floor of 64-token tiles per split (a runtime kernel argument: other values need no recompile).
+# 1 = no floor: benchmarks/bench_decode_attention.py on an H200 (30B-A3B heads, graph split counts,
+# benchmarks/results/decode_attention_30b-a3b-20261130T073759.json) found a tile walked in sequence
+# costs ~1.9 µs, about the merge kernel's price, so fewer splits never paid: at batch 1, 160 tokens,
+# split + merge took 5.8 µs with floor 1, 8.3 with 4, 7.2 with one split; at 2,048 tokens 7.9 / 11.9 / 58.
+MIN_TILES_PER_SPLIT = 1
 _CPU_SMS = 8  # stand-in SM count off the GPU (Triton's interpreter)
 _LOG2E = 1.4426950408889634
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["min_tiles"])
     def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, m_ptr,
                              l_ptr, acc_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
                              stride_vb, stride_vs, stride_vh, stride_bt, stride_on, stride_oh, num_splits,
-                             num_heads, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr,
-                             IEEE: tl.constexpr, PDL: tl.constexpr):
+                             num_heads, min_tiles, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                             SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         """One (sequence, KV head, split): online softmax over the split's tiles of the real length.
-        Without SPLIT the output is written directly; with SPLIT the partial max (base 2), sum and
-        unnormalised output go to m/l/acc, laid out [seq, head, split(, HEAD_DIM)]."""
+        Without SPLIT, or when the sequence's length leaves a single split in use, the output is
+        written directly; otherwise the partial max (base 2), sum and unnormalised output go to
+        m/l/acc, laid out [seq, head, split(, HEAD_DIM)]. Splits past the used ones return at once."""
         pdl_prologue(PDL)
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + seq)
+        num_tiles = tl.cdiv(seq_len, TILE_N)
+        per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), min_tiles)
+        used = tl.cdiv(num_tiles, per_split)
+        # splits past the used ones hold no tile and no partial that the merge reads (used >= 1 for
+        # seq_len >= 1; a zero length still runs split 0 and gives NaN, as before)
+        if split >= tl.maximum(used, 1):
+            return
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         n = tl.arange(0, TILE_N)
@@ -75,8 +95,6 @@ if triton is not None:
         m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l_i = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-        num_tiles = tl.cdiv(seq_len, TILE_N)
-        per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
         first = split * per_split
         last = tl.minimum(first + per_split, num_tiles)
         bt_row = block_tables_ptr + seq * stride_bt
@@ -108,28 +126,36 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         if SPLIT:
-            row = (seq * num_heads + heads) * num_splits + split
-            tl.store(m_ptr + row, m_i, mask=g_mask)
-            tl.store(l_ptr + row, l_i, mask=g_mask)
-            tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+            if used > 1:  # partials for the merge kernel
+                row = (seq * num_heads + heads) * num_splits + split
+                tl.store(m_ptr + row, m_i, mask=g_mask)
+                tl.store(l_ptr + row, l_i, mask=g_mask)
+                tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+            else:  # the only split in use: the final output (the merge skips this sequence)
+                out = acc / l_i[:, None]
+                tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
+                         out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         else:
             out = acc / l_i[:, None]
             tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["min_tiles"])
     def _paged_decode_merge_kernel(m_ptr, l_ptr, acc_ptr, seq_lens_ptr, out_ptr, num_splits, num_heads,
-                                   stride_on, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                                   TILE_N: tl.constexpr, PDL: tl.constexpr):
+                                   min_tiles, stride_on, stride_oh, HEAD_DIM: tl.constexpr,
+                                   SPLITS_PAD: tl.constexpr, TILE_N: tl.constexpr, PDL: tl.constexpr):
         """One (sequence, query head): combine the partials of the splits that the sequence's real
-        length reaches (the same tile arithmetic as the split kernel); the others are never read."""
+        length reaches (the same tile arithmetic as the split kernel); the others are never read.
+        With a single split in use the split kernel already wrote the output: return at once."""
         pdl_prologue(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         seq_len = tl.load(seq_lens_ptr + seq)
         num_tiles = tl.cdiv(seq_len, TILE_N)
-        per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
+        per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), min_tiles)
         used = tl.cdiv(num_tiles, per_split)
+        if used == 1:
+            return
         sp = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, HEAD_DIM)
         ok = sp < used
@@ -158,16 +184,27 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, bound: int, device: torc
     return max(1, min(MAX_SPLITS, triton.cdiv(max(1, bound), TILE), fill))
 
 
+def splits_used(seq_len: int, num_splits: int, min_tiles: int = MIN_TILES_PER_SPLIT) -> int:
+    """Splits that do work for a sequence of `seq_len` tokens (>= 1) under `num_splits` splits and a
+    floor of `min_tiles` tiles per split: the kernels' device-side arithmetic, on host integers."""
+    num_tiles = -(-seq_len // TILE)
+    per_split = max(-(-num_tiles // max(1, num_splits)), max(1, min_tiles))
+    return -(-num_tiles // per_split)
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           max_seq_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                           max_seq_len: int | None = None, num_splits: int | None = None,
+                           min_tiles_per_split: int | None = None) -> torch.Tensor:
     """Decode attention: q [N, Hq, D] (one token per sequence) -> [N, Hq, D].
 
     Caches are `[blocks, block_size, Hk, D]`; `block_tables` [N, width] int32 (entries past a
     sequence's blocks are never read); `seq_lens` [N] int32 on the device, each >= 1.
     `max_seq_len` is a host-side upper bound of `seq_lens` (default: the table's capacity); with
     `num_splits` unset it picks the split count (`choose_num_splits`), so the grid depends only on
-    (batch size, bound) and the call can be captured in a CUDA graph."""
+    (batch size, bound) and the call can be captured in a CUDA graph. `min_tiles_per_split` is the
+    floor of 64-token tiles per split (None: `MIN_TILES_PER_SPLIT`; 1: no floor); it is a runtime
+    kernel argument, so changing it compiles nothing."""
     assert triton is not None, "triton is not installed"
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -183,6 +220,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
         num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device)
     num_splits = max(1, int(num_splits))
+    min_tiles = max(1, int(min_tiles_per_split if min_tiles_per_split is not None else MIN_TILES_PER_SPLIT))
     split = num_splits > 1
     if split:
         m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -194,13 +232,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_splits, num_heads,
+        out.stride(0), out.stride(1), num_splits, num_heads, min_tiles,
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, IEEE=k_cache.dtype == torch.float32,
         num_warps=4, **pdl_launch(q.device))
     if split:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
-            m, l, acc, seq_lens, out, num_splits, num_heads, out.stride(0), out.stride(1),
+            m, l, acc, seq_lens, out, num_splits, num_heads, min_tiles, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), TILE_N=TILE,
             num_warps=4, **pdl_launch(q.device))  # one merge variant for every S (no compiles as lengths grow)
     return out

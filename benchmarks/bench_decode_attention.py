@@ -1,0 +1,184 @@
+"""Decode attention: the floor of 64-token tiles per split swept at the 30B-A3B shape (CUDA graphs).
+
+`paged_attention_decode` (`qwen3coder.kernels.paged_attention`) at the Qwen3-Coder-30B-A3B shape, its
+`min_tiles_per_split` swept under the split count of a decode graph.
+
+    python benchmarks/bench_decode_attention.py [--batches 1,4,16] [--contexts 160,300,600,2048,8192]
+        [--extra 10x2048] [--min-tiles 1,2,4,8,16] [--bound 32832] [--time-budget 50] [--out-dir DIR]
+
+Shape: 32 query / 4 KV heads, head_dim 128, bf16, cache block 16 (the engine's default). For every
+(batch, context) — all sequences of the batch at that context — the split count is the one a CUDA
+graph captured with the `--bound` (max_model_len) upper bound gets, `choose_num_splits(batch, 4,
+bound)`, and `paged_attention_decode` is timed for each floor (1 = no floor, as before the floor
+existed) and, for reference, with a single split (`S=1`: no merge kernel, one program per (sequence,
+KV head)). `used` is the number of splits that do work per sequence (`splits_used`).
+
+Timing: enough distinct KV caches (> 3x the L2, at least 2 — one per "layer") called in turn inside one
+CUDA graph and replayed (`qwen3coder.bench.timing.cuda_graph_us`), so the keys and values stream from
+HBM as in a decode step over 48 layers; µs per call, split and merge kernels together (PDL as the
+engine launches them). Every configuration is checked against `paged_attention_reference` (fp32 query,
+bf16 caches; `max_abs_diff`, expected <~ 1e-2). Prints a table, the best floor per (batch, context) and
+the floor with the smallest worst-case slowdown against the per-case best, and writes
+benchmarks/results/decode_attention_30b-a3b-*.json. Needs CUDA; `--help` runs anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
+BOUND = 32832  # max_model_len of the decode graphs
+MAX_COPIES = 512  # distinct KV caches per case at most
+
+
+def parse_cases(batches: str, contexts: str, extra: str) -> list[tuple[int, int]]:
+    """(batch, context) pairs: the grid `batches` x `contexts`, then `extra` ("BxC,BxC")."""
+    cases = [(int(b), int(c)) for b in batches.split(",") if b for c in contexts.split(",") if c]
+    for item in (x for x in extra.split(",") if x):
+        b, c = item.lower().split("x")
+        cases.append((int(b), int(c)))
+    seen: set[tuple[int, int]] = set()
+    return [c for c in cases if not (c in seen or seen.add(c))]
+
+
+def kv_bytes(batch: int, ctx: int, elt: int = 2) -> int:
+    """Key and value bytes one call reads."""
+    return 2 * batch * ctx * KV_HEADS * HEAD_DIM * elt
+
+
+def _rotating(calls: int, fn: Callable[[int], object]) -> Callable[[], object]:
+    """A no-argument function calling fn(0), fn(1), ... fn(calls - 1), fn(0), ..."""
+    state = [0]
+
+    def step() -> object:
+        i = state[0] % calls
+        state[0] += 1
+        return fn(i)
+    return step
+
+
+def bench_case(batch: int, ctx: int, min_tiles: list[int], bound: int, l2: int) -> dict:
+    """One (batch, context): µs per call for each floor and for S=1, splits used, errors."""
+    from qwen3coder.bench.timing import cuda_graph_us
+    from qwen3coder.kernels.paged_attention import choose_num_splits, paged_attention_decode, splits_used
+    from qwen3coder.models.context import ForwardContext
+    from qwen3coder.models.layers.attention import paged_attention_reference
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    copies = max(2, min(MAX_COPIES, -(-3 * l2 // kv_bytes(batch, ctx))))
+    blocks_per_seq = -(-ctx // BLOCK)
+    num_blocks = batch * blocks_per_seq + 1
+    width = -(-bound // BLOCK)
+    perm = torch.randperm(num_blocks - 1)[:batch * blocks_per_seq] + 1  # scattered blocks, 0 unused
+    table = torch.zeros(batch, width, dtype=torch.int32)
+    table[:, :blocks_per_seq] = perm.view(batch, blocks_per_seq).to(torch.int32)
+    table = table.to(dev)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    caches = [(torch.randn(shape, device=dev, dtype=dtype), torch.randn(shape, device=dev, dtype=dtype))
+              for _ in range(copies)]
+    qs = [torch.randn(batch, HEADS, HEAD_DIM, device=dev, dtype=dtype) for _ in range(min(copies, 8))]
+    scale = HEAD_DIM ** -0.5
+    num_splits = choose_num_splits(batch, KV_HEADS, bound, dev)
+    ctx_obj = ForwardContext.build([1] * batch, [ctx] * batch, table[:, :blocks_per_seq].tolist(), BLOCK,
+                                   device="cuda")
+    expected = paged_attention_reference(qs[0].float(), caches[0][0], caches[0][1], ctx_obj, scale)
+    reps = copies * -(-48 // copies)
+    iters = 10 if reps >= 256 else 20
+
+    def run(splits: int, mt: int) -> tuple[float, float]:
+        def call(i: int) -> torch.Tensor:
+            k, v = caches[i]
+            return paged_attention_decode(qs[i % len(qs)], k, v, table, lens, scale, num_splits=splits,
+                                          min_tiles_per_split=mt)
+        err = (call(0).float() - expected).abs().max().item()
+        return cuda_graph_us(_rotating(copies, call), reps, iters=iters), err
+
+    row: dict = {"batch": batch, "ctx": ctx, "num_splits": num_splits, "copies": copies,
+                 "kv_mb_per_call": round(kv_bytes(batch, ctx) / 2 ** 20, 2), "us": {}, "used": {},
+                 "max_abs_diff": 0.0}
+    for mt in min_tiles:
+        us, err = run(num_splits, mt)
+        row["us"][mt] = round(us, 2)
+        row["used"][mt] = splits_used(ctx, num_splits, mt)
+        row["max_abs_diff"] = max(row["max_abs_diff"], err)
+    us, err = run(1, 1)
+    row["s1_us"] = round(us, 2)
+    row["max_abs_diff"] = round(max(row["max_abs_diff"], err), 5)
+    row["best"] = min(row["us"], key=row["us"].get)
+    row["tbps_best"] = round(kv_bytes(batch, ctx) / row["us"][row["best"]] / 1e6, 2)
+    del caches
+    torch.cuda.empty_cache()
+    return row
+
+
+def suggest(rows: list[dict], min_tiles: list[int]) -> tuple[int, dict[int, float]]:
+    """The floor whose worst slowdown against each case's best is smallest, and every floor's worst."""
+    worst = {mt: max(r["us"][mt] / r["us"][r["best"]] for r in rows) for mt in min_tiles}
+    return min(worst, key=worst.get), {mt: round(w, 3) for mt, w in worst.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--contexts", default="160,300,600,2048,8192")
+    ap.add_argument("--extra", default="10x2048", help='more (batch, context) cases, "BxC,BxC"')
+    ap.add_argument("--min-tiles", default="1,2,4,8,16", help="floors of tiles per split to time")
+    ap.add_argument("--bound", type=int, default=BOUND, help="max_model_len the graph's split count is for")
+    ap.add_argument("--time-budget", type=float, default=50.0, help="seconds; later cases are skipped")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode_attention needs a CUDA device")
+    from qwen3coder.bench.results import write_result
+    from qwen3coder.kernels.paged_attention import MIN_TILES_PER_SPLIT
+    from qwen3coder.kernels.pdl import use_pdl
+
+    t0 = time.time()
+    torch.manual_seed(0)
+    cases = parse_cases(args.batches, args.contexts, args.extra)
+    min_tiles = [int(x) for x in args.min_tiles.split(",")]
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2 ** 20)
+    head = f"{'batch':>5} {'ctx':>5} {'S':>3} | " + " ".join(f"{'mt=' + str(m):>8}" for m in min_tiles) + \
+        f" | {'S=1':>7} | best  used(best)"
+    print(head + "\n" + "-" * len(head), flush=True)
+    rows: list[dict] = []
+    skipped: list[tuple[int, int]] = []
+    with torch.no_grad():
+        for batch, ctx in cases:
+            if time.time() - t0 > args.time_budget:
+                skipped.append((batch, ctx))
+                continue
+            r = bench_case(batch, ctx, min_tiles, args.bound, l2)
+            rows.append(r)
+            timings = " ".join(f"{r['us'][m]:>8.2f}" for m in min_tiles)
+            error = f"  ERROR {r['max_abs_diff']:.3g}" if r["max_abs_diff"] > 2e-2 else ""
+            print(f"{batch:>5} {ctx:>5} {r['num_splits']:>3} | {timings} | {r['s1_us']:>7.2f} | {r['best']:>4}  "
+                  f"{r['used'][r['best']]:>4}{error}", flush=True)
+    if skipped:
+        print(f"[decode-attn] out of time, skipped {skipped}", flush=True)
+    best, worst = suggest(rows, min_tiles) if rows else (None, {})
+    print("\nbest min_tiles per (batch, ctx): "
+          + ", ".join(f"({r['batch']}, {r['ctx']}): {r['best']}" for r in rows), flush=True)
+    print(f"worst slowdown vs per-case best, per min_tiles: {worst}; suggested MIN_TILES_PER_SPLIT = {best} "
+          f"(current {MIN_TILES_PER_SPLIT})", flush=True)
+    print(f"[decode-attn] {time.time() - t0:.0f} s", flush=True)
+    metrics = {f"bs{r['batch']}_ctx{r['ctx']}": r for r in rows}
+    metrics["best"] = {f"bs{r['batch']}_ctx{r['ctx']}": r["best"] for r in rows}
+    metrics["worst_slowdown"] = worst
+    metrics["suggested_min_tiles"] = best
+    write_result("decode_attention_30b-a3b", metrics,
+                 extra={"shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                                  "block_size": BLOCK, "dtype": "bfloat16"},
+                        "bound": args.bound, "min_tiles": min_tiles, "current_default": MIN_TILES_PER_SPLIT,
+                        "pdl": use_pdl(torch.device("cuda")), "skipped": skipped,
+                        "timing": "CUDA graph replay over distinct KV caches (> 3x L2)",
+                        "seconds": round(time.time() - t0, 1)}, out_dir=args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,10 +21,15 @@ load, store or early return):
    resident at once, and a grid only launches when all CTAs of its predecessor already are (so a
    waiting grid never keeps a predecessor's CTAs from being scheduled: no deadlock).
 
+`QWEN3CODER_PDL=early` swaps the two (launch the dependents first, then wait): every CTA still waits
+before touching memory, so completion stays transitive, but a grid may then become resident (and
+start its weight prefetches) while several earlier ones still run; a grid launches only once all
+CTAs of its predecessor are resident, so waiting grids never block the ones they wait for.
+
 Kernels of other libraries (cuBLAS, PyTorch) in between are fine: they neither trigger early nor wait,
 so the stream serialises them as usual. The switch is `QWEN3CODER_PDL` (default on; `0` turns it off)
 or `set_pdl_enabled`; it applies on CUDA devices of compute capability >= 9.0 only — the Triton
-interpreter and older GPUs launch without it, and `pdl_prologue(False)` compiles to nothing. PDL changes
+interpreter and older GPUs launch without it, and `pdl_prologue(0)` compiles to nothing. PDL changes
 no arithmetic: outputs are bitwise those of a launch without it (tested in `tests/test_kernels_gpu.py`).
 """
 
@@ -48,6 +53,9 @@ except ImportError:  # pragma: no cover - triton without grid dependency control
     _HAS_GDC = False
 
 _ENABLED = os.environ.get("QWEN3CODER_PDL", "1") != "0"  # read once: hot path
+# 1: wait, then let the next grid launch (at most two grids resident); 2 ("early"): let it launch
+# first, then wait — every later grid can become resident (waiting) while earlier ones still run
+_MODE = 2 if os.environ.get("QWEN3CODER_PDL", "1") == "early" else 1
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -80,8 +88,8 @@ def pdl_launch(device: torch.device) -> dict:
     """Keyword arguments for a kernel launch whose kernel takes the `PDL` constexpr:
     `kernel[grid](..., **pdl_launch(x.device))`."""
     if use_pdl(device):
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
+        return {"PDL": _MODE, "launch_pdl": True}
+    return {"PDL": 0}
 
 
 if _HAS_GDC:
@@ -89,9 +97,12 @@ if _HAS_GDC:
     @triton.jit
     def pdl_prologue(PDL: tl.constexpr):
         """First statement of a PDL kernel: wait for the predecessor grid, then let the next one launch."""
-        if PDL:
+        if PDL == 1:
             gdc_wait()
             gdc_launch_dependents()
+        elif PDL == 2:
+            gdc_launch_dependents()
+            gdc_wait()
 
     @triton.jit
     def prefetch_l2(ptrs):

@@ -296,7 +296,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2, weight, b, out, part, m, n, k, k_per_split, x2.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT=cfg.dot, SPLIT=splits > 1,
         EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        PREFETCH=launch["PDL"] and _PREFETCH and weight.element_size() == 2 and cfg.block_k >= 64,
+        PREFETCH=bool(launch["PDL"]) and _PREFETCH and weight.element_size() == 2 and cfg.block_k >= 64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     if splits > 1 and not reduce:
         assert bias is None and not lead[1:], "unreduced partials: 2-D x and no bias"

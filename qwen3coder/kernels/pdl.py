@@ -12,25 +12,27 @@ programmatic edges, so the decode graphs overlap each kernel's launch with the p
 The protocol every PDL kernel here follows (`pdl_prologue`, first statement of the kernel, before any
 load, store or early return):
 
-1. `gdc_wait()`: nothing of this kernel runs before its predecessor has finished. Hence completion is
-   transitive: a kernel that completed implies every earlier kernel in the stream completed, and so a
-   kernel may read anything written two or more launches back (and the caching allocator's reuse of
-   a buffer that an earlier kernel still reads is safe, as without PDL).
-2. `gdc_launch_dependents()`: once every CTA of this kernel has passed its wait, the next kernel may
-   be launched; its CTAs then sit in their own wait until this one completes. At most two grids are
-   resident at once, and a grid only launches when all CTAs of its predecessor already are (so a
-   waiting grid never keeps a predecessor's CTAs from being scheduled: no deadlock).
+1. `gdc_launch_dependents()`: once every CTA of this kernel has executed it (i.e. all are resident),
+   the next kernel may launch. Its CTAs execute the same prologue, so the following grids become
+   resident one after the other, as SM resources allow, while earlier ones still run: launch and
+   CTA placement are off the critical path. A grid launches only once all CTAs of its predecessor are
+   resident, so a waiting grid never keeps the grid it waits for from being scheduled (no deadlock).
+2. `gdc_wait()`: nothing of this kernel touches memory before its predecessor has completed and its
+   writes are visible. Completion is therefore transitive — a completed kernel implies every earlier
+   kernel in the stream completed — so a kernel sees everything written before it in stream order,
+   and the caching allocator's reuse of a buffer that an earlier kernel still reads is safe, as
+   without PDL.
 
-`QWEN3CODER_PDL=early` swaps the two (launch the dependents first, then wait): every CTA still waits
-before touching memory, so completion stays transitive, but a grid may then become resident (and
-start its weight prefetches) while several earlier ones still run; a grid launches only once all
-CTAs of its predecessor are resident, so waiting grids never block the ones they wait for.
+`QWEN3CODER_PDL=wait-first` swaps the two (wait, then let the next grid launch: at most two grids
+resident). Measured on an H200 at batch-1 decode of the 30B-A3B (decode graphs, dummy weights): no PDL
+~299 tok/s, wait-first ~313, launch-first ~317 (docs/ENGINE.md). Prefetching a skinny GEMM's weights
+into L2 before its wait was tried and measured no faster (312.6 vs 314.3 tok/s), so it is not done.
 
 Kernels of other libraries (cuBLAS, PyTorch) in between are fine: they neither trigger early nor wait,
 so the stream serialises them as usual. The switch is `QWEN3CODER_PDL` (default on; `0` turns it off)
 or `set_pdl_enabled`; it applies on CUDA devices of compute capability >= 9.0 only — the Triton
 interpreter and older GPUs launch without it, and `pdl_prologue(0)` compiles to nothing. PDL changes
-no arithmetic: outputs are bitwise those of a launch without it (tested in `tests/test_kernels_gpu.py`).
+no arithmetic: outputs are bitwise those of a launch without it (`tests/test_pdl_gpu.py`).
 """
 
 from __future__ import annotations
@@ -53,9 +55,8 @@ except ImportError:  # pragma: no cover - triton without grid dependency control
     _HAS_GDC = False
 
 _ENABLED = os.environ.get("QWEN3CODER_PDL", "1") != "0"  # read once: hot path
-# 1: wait, then let the next grid launch (at most two grids resident); 2 ("early"): let it launch
-# first, then wait — every later grid can become resident (waiting) while earlier ones still run
-_MODE = 2 if os.environ.get("QWEN3CODER_PDL", "1") == "early" else 1
+# pdl_prologue's order: 2 = launch the dependents, then wait (default); 1 = wait first ("wait-first")
+_MODE = 1 if os.environ.get("QWEN3CODER_PDL", "1") == "wait-first" else 2
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -96,7 +97,8 @@ if _HAS_GDC:
 
     @triton.jit
     def pdl_prologue(PDL: tl.constexpr):
-        """First statement of a PDL kernel: wait for the predecessor grid, then let the next one launch."""
+        """First statement of a PDL kernel: let the next grid launch and wait for the predecessor (PDL 2),
+        or the other way round (PDL 1); nothing for PDL 0."""
         if PDL == 1:
             gdc_wait()
             gdc_launch_dependents()
@@ -104,23 +106,9 @@ if _HAS_GDC:
             gdc_launch_dependents()
             gdc_wait()
 
-    @triton.jit
-    def prefetch_l2(ptrs):
-        """Ask L2 for the 128-byte lines holding `ptrs` (one `prefetch.global.L2` per element; no
-        register result, no fault semantics needed: callers pass in-bounds addresses only). Issued
-        before `pdl_prologue` for data no earlier kernel writes (weights), the reads of a kernel
-        overlap its predecessor's run."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
 elif triton is not None:  # pragma: no cover
 
     @triton.jit
     def pdl_prologue(PDL: tl.constexpr):
         """No grid dependency control in this triton: `use_pdl` is always False, nothing to do."""
-        pass
-
-    @triton.jit
-    def prefetch_l2(ptrs):
-        """Never called without grid dependency control (callers guard it with PDL)."""
         pass

@@ -50,7 +50,7 @@ try:
     import triton
     import triton.language as tl
 
-    from qwen3coder.kernels.pdl import pdl_prologue, prefetch_l2
+    from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
@@ -62,7 +62,6 @@ _REDUCE_BLOCK = 1024  # output columns per program of the split-K reduction
 _HALF = (torch.bfloat16, torch.float16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensors run through Triton's interpreter
 _ENABLED = os.environ.get("QWEN3CODER_SKINNY_GEMM", "1") != "0"  # read once: hot path
-_PREFETCH = os.environ.get("QWEN3CODER_SKINNY_PREFETCH", "1") != "0"  # L2 prefetch of weights under PDL
 
 
 @dataclass(frozen=True)
@@ -181,12 +180,10 @@ if triton is not None:
                             stride_xm, stride_wn, stride_om,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             DOT: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                            PREFETCH: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         """One (BLOCK_N columns, K split): acc [BLOCK_N, BLOCK_M] = W_tile · x^T over the split's K
-        range. SPLIT: fp32 partials to part[split, m, n]; else bias, round, store out[m, n].
-        PREFETCH (with PDL, 2-byte weights): the program's weight slice is requested into L2 before
-        the grid-dependency wait, so the weight stream starts while the previous kernel still runs."""
+        range. SPLIT: fp32 partials to part[split, m, n]; else bias, round, store out[m, n]."""
+        pdl_prologue(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -198,12 +195,6 @@ if triton is not None:
         k_end = tl.minimum(k_start + k_per_split, K)
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
-        if PREFETCH:  # weights: written by no kernel, safe to read before the wait
-            lines = tl.arange(0, BLOCK_K // 64) * 64  # 64 two-byte elements: one 128-byte line
-            for k0 in range(k_start, k_end, BLOCK_K):
-                k = k0 + lines
-                prefetch_l2(tl.where(n_mask[:, None] & (k < k_end)[None, :], w_rows + k[None, :], w_ptr))
-        pdl_prologue(PDL)
         if DOT:
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         else:
@@ -289,15 +280,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return out.view(*lead, n)
     cfg = config if config is not None else skinny_config(m, n, k)
     splits, k_per_split = split_layout(k, cfg)
-    launch = pdl_launch(x.device)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     b = bias if bias is not None else out  # unused pointer when no bias
     _skinny_gemm_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         x2, weight, b, out, part, m, n, k, k_per_split, x2.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT=cfg.dot, SPLIT=splits > 1,
         EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        PREFETCH=bool(launch["PDL"]) and _PREFETCH and weight.element_size() == 2 and cfg.block_k >= 64,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x.device))
     if splits > 1 and not reduce:
         assert bias is None and not lead[1:], "unreduced partials: 2-D x and no bias"
         return part.permute(1, 0, 2)

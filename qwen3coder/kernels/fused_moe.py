@@ -50,7 +50,10 @@ class MoETiles:
 #   batch 16   gate_up 128  -> 113,  down 63.1 -> 59.4  (~4.2 TB/s: at the copy bandwidth)
 #   batch 64   gate_up 192  -> 181,  down 99.0 -> 95.6
 #   8192 tok   gate_up 1050 -> 882,  down 1006 -> 627   (BLOCK_M 128: compute-bound, larger tiles)
-_DECODE_TINY = MoETiles(GemmTiles(64, 128, 4, 5), GemmTiles(64, 128, 4, 3))
+# Batch 1 re-measured in the engine (decode graphs with programmatic dependent launch, 2026-11-30):
+# gate_up 8 warps and down 256-wide K steps took batch-1 decode from 317 to 324 tok/s (of five tile
+# sets tried in `qwen3coder bench`; 16-wide gate_up tiles lost: 296).
+_DECODE_TINY = MoETiles(GemmTiles(64, 128, 8, 5), GemmTiles(64, 256, 4, 3))
 _DECODE = MoETiles(GemmTiles(32, 256, 4, 3), GemmTiles(64, 128, 4, 3))
 _PREFILL = MoETiles(GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 3))
 

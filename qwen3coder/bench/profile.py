@@ -5,13 +5,17 @@
 records the steps that prefill `num_prompts` prompts (up to their first token). Both sum device time
 (CUDA kernels on a GPU, CPU ops otherwise) per family: attention (with the fused QK-norm/RoPE/KV-store prologue), fused MoE, MoE
 routing, dense GEMMs, norms, sampling, memory copies, other. It also reports the wall time per step, so the gap between kernel time and wall time (host
-overhead, synchronisation) is visible.
+overhead, synchronisation) is visible. With programmatic dependent launch a kernel starts before its
+predecessor ends and its recorded time includes that wait, so `qwen3coder bench --profile` records
+with PDL off (`without_pdl`) and reports the decode graph's replay time both ways.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,6 +58,26 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32, prompt_len
     if replay is not None:  # the decode graph alone: its kernels plus the gaps between them
         result["graph_replay_ms"] = replay
     return {"batch": batch, "prompt_len": prompt_len, **result}
+
+
+@contextlib.contextmanager
+def without_pdl(llm: LLM) -> Iterator[bool]:
+    """Run the body with programmatic dependent launch off (decode graphs recaptured without it, and
+    again with it afterwards); yields whether it switched anything (PDL on, a graph runner)."""
+    from qwen3coder.kernels import pdl
+
+    runner = llm.llm_engine.runner
+    if not (pdl.use_pdl(torch.device(llm.llm_engine.config.device)) and getattr(runner, "graphs", None)
+            and hasattr(runner, "recapture_graphs")):
+        yield False
+        return
+    pdl.set_pdl_enabled(False)
+    runner.recapture_graphs()
+    try:
+        yield True
+    finally:
+        pdl.set_pdl_enabled(True)
+        runner.recapture_graphs()
 
 
 def graph_replay_ms(llm: LLM, batch: int, iters: int = 50) -> float | None:

@@ -137,6 +137,16 @@ if triton is not None:
                                   BLOCKS_PAD: tl.constexpr, PDL: tl.constexpr):
         """One program: softmax + top-k + renorm + cast, then the alignment (see the module docstring)."""
         pdl_prologue(PDL)
+        route_align_rows(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, num_tokens,
+                         num_experts, stride_lm, num_slots, num_blocks, TOP_K, NORM, BLOCK_M, N_PAD, E_PAD, K_PAD,
+                         RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD)
+
+    @triton.jit
+    def route_align_rows(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, num_tokens,
+                         num_experts, stride_lm, num_slots, num_blocks, TOP_K: tl.constexpr, NORM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                         RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr, BLOCKS_PAD: tl.constexpr):
+        """The body of `_fused_route_align_kernel` (also run by `kernels.norm_router`'s last program)."""
         rows = tl.arange(0, N_PAD)
         cols = tl.arange(0, E_PAD)
         row_ok = rows < num_tokens
@@ -180,21 +190,27 @@ def fused_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
     assert top_k <= num_experts and block_m >= 2 and block_m & (block_m - 1) == 0, (top_k, block_m)
     if router_logits.stride(1) != 1:
         router_logits = router_logits.contiguous()
-    dev = router_logits.device
-    num_pairs = n * top_k
-    slots = moe_align_length(num_pairs, num_experts, block_m)
-    weights = torch.empty(n, top_k, dtype=out_dtype, device=dev)
-    ids = torch.empty(n, top_k, dtype=torch.int32, device=dev)
-    sorted_ids = torch.empty(slots, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(slots // block_m, dtype=torch.int32, device=dev)
-    n_pad, e_pad = _pow2(n), _pow2(num_experts)
+    routed, launch = route_align_buffers(n, num_experts, top_k, norm_topk_prob, block_m, out_dtype,
+                                         router_logits.device)
     _fused_route_align_kernel[(1,)](
-        router_logits, weights, ids, sorted_ids, block_expert, n, num_experts, router_logits.stride(0),
-        slots, slots // block_m, TOP_K=top_k, NORM=bool(norm_topk_prob), BLOCK_M=block_m, N_PAD=n_pad,
-        E_PAD=e_pad, K_PAD=_pow2(top_k), RUN_BLOCKS=_pow2(-(-n // block_m)), SLOTS_PAD=_pow2(slots),
-        BLOCKS_PAD=_pow2(slots // block_m), num_warps=4 if n_pad * e_pad <= 4096 else 8,
-        **pdl_launch(dev))
-    return RoutedPairs(weights, ids, sorted_ids, block_expert)
+        router_logits, *routed, n, num_experts, router_logits.stride(0), **launch,
+        num_warps=4 if launch["N_PAD"] * launch["E_PAD"] <= 4096 else 8, **pdl_launch(router_logits.device))
+    return routed
+
+
+def route_align_buffers(n: int, num_experts: int, top_k: int, norm_topk_prob: bool, block_m: int,
+                        out_dtype: torch.dtype, device: torch.device) -> tuple[RoutedPairs, dict]:
+    """The outputs of one-program routing (uninitialised) and the keyword arguments of `route_align_rows`
+    after (logits, outputs, num_tokens, num_experts, stride): shared with `kernels.norm_router`."""
+    slots = moe_align_length(n * top_k, num_experts, block_m)
+    routed = RoutedPairs(torch.empty(n, top_k, dtype=out_dtype, device=device),
+                         torch.empty(n, top_k, dtype=torch.int32, device=device),
+                         torch.empty(slots, dtype=torch.int32, device=device),
+                         torch.empty(slots // block_m, dtype=torch.int32, device=device))
+    launch = dict(num_slots=slots, num_blocks=slots // block_m, TOP_K=top_k, NORM=bool(norm_topk_prob),
+                  BLOCK_M=block_m, N_PAD=_pow2(n), E_PAD=_pow2(num_experts), K_PAD=_pow2(top_k),
+                  RUN_BLOCKS=_pow2(-(-n // block_m)), SLOTS_PAD=_pow2(slots), BLOCKS_PAD=_pow2(slots // block_m))
+    return routed, launch
 
 
 # --- large batches (prefill): three launches over tiles of tokens ---------------------------------

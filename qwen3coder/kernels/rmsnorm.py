@@ -35,6 +35,34 @@ except ImportError:  # pragma: no cover
 if triton is not None:
 
     @triton.jit
+    def add_rmsnorm_row(x_ptr, res_ptr, w_ptr, out_ptr, row, cols, mask, n_cols, eps, stride_x, stride_xk,
+                        stride_r, HAS_RESIDUAL: tl.constexpr, ZERO_CENTERED: tl.constexpr,
+                        NUM_PARTIALS: tl.constexpr, BLOCK: tl.constexpr):
+        """One row `row` (int64): -> (normed row, new residual row), both in `out_ptr`'s dtype (the
+        residual row is x itself without HAS_RESIDUAL; nothing is stored). Shared with
+        `kernels.norm_router`."""
+        OUT_DTYPE = out_ptr.dtype.element_ty
+        if NUM_PARTIALS > 0:
+            acc = tl.zeros((BLOCK,), tl.float32)
+            for k in tl.static_range(NUM_PARTIALS):
+                acc += tl.load(x_ptr + row * stride_x + k * stride_xk + cols, mask=mask, other=0.0).to(tl.float32)
+            x = acc.to(OUT_DTYPE)  # one rounding of the fp32 sum (partials may be fp32)
+        else:
+            x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(OUT_DTYPE)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / n_cols
+        normed = xf * tl.rsqrt(var + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if ZERO_CENTERED:
+            y = normed * (1.0 + w)
+        else:
+            y = w * normed.to(x.dtype).to(tl.float32)  # cast, then scale (exact product, one rounding)
+        return y.to(OUT_DTYPE), x
+
+    @triton.jit
     def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
                             stride_x, stride_xk, stride_r, stride_o, stride_ro,
                             HAS_RESIDUAL: tl.constexpr, ZERO_CENTERED: tl.constexpr,
@@ -44,26 +72,11 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        if NUM_PARTIALS > 0:
-            acc = tl.zeros((BLOCK,), tl.float32)
-            for k in tl.static_range(NUM_PARTIALS):
-                acc += tl.load(x_ptr + row * stride_x + k * stride_xk + cols, mask=mask, other=0.0).to(tl.float32)
-            x = acc.to(out_ptr.dtype.element_ty)  # one rounding of the fp32 sum (partials may be fp32)
-        else:
-            x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        y, x = add_rmsnorm_row(x_ptr, res_ptr, w_ptr, out_ptr, row, cols, mask, n_cols, eps, stride_x, stride_xk,
+                               stride_r, HAS_RESIDUAL, ZERO_CENTERED, NUM_PARTIALS, BLOCK)
         if HAS_RESIDUAL:
-            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
             tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
-        xf = x.to(tl.float32)
-        var = tl.sum(xf * xf, axis=0) / n_cols
-        normed = xf * tl.rsqrt(var + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if ZERO_CENTERED:
-            y = normed * (1.0 + w)
-        else:
-            y = w * normed.to(x.dtype).to(tl.float32)  # cast, then scale (exact product, one rounding)
-        tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
 
 
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,

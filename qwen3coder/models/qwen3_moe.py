@@ -58,6 +58,8 @@ class Qwen3MoeDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, ctx)
+        if isinstance(self.mlp, SparseMoeBlock):  # may fuse the norm with the router and routing
+            return self.mlp.forward_with_norm(hidden, residual, self.post_attention_layernorm)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

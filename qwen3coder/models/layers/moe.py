@@ -22,6 +22,8 @@ return [N, H].
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,8 @@ from torch import nn
 from qwen3coder.kernels import use_triton
 from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.mlp import SwiGLUMLP
-from qwen3coder.models.layers.partials import TopKPartials
+from qwen3coder.models.layers.norms import RMSNorm
+from qwen3coder.models.layers.partials import Partials, TopKPartials
 
 
 def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, dtype: torch.dtype
@@ -64,6 +67,11 @@ def moe_forward_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
         out[idx] = out[idx] + h.to(out.dtype)
         start += c
     return out
+
+
+# post-attention norm + router + routing in one launch at decode (`SparseMoeBlock.forward_with_norm`);
+# off until measured on a GPU
+FUSED_NORM_ROUTER = os.environ.get("QWEN3CODER_FUSED_ROUTER", "0") == "1"
 
 
 class Experts(nn.Module):
@@ -126,6 +134,32 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def forward_with_norm(self, hidden: torch.Tensor | Partials, residual: torch.Tensor, norm: RMSNorm
+                          ) -> tuple[torch.Tensor | TopKPartials, torch.Tensor]:
+        """`(self(x), new_residual)` where `(x, new_residual) = norm(hidden, residual)`: the decoder layer's
+        post-attention norm and this block. With `QWEN3CODER_FUSED_ROUTER=1`, on the Triton path, for
+        decode-sized batches and without a shared expert, the norm, the router GEMV and the routing
+        run as one launch (`kernels.norm_router`); otherwise exactly `norm` then `forward`."""
+        from qwen3coder.kernels.norm_router import norm_router_fits
+
+        n, h = residual.shape
+        if not (FUSED_NORM_ROUTER and self.fused_routing and self.shared_expert is None and not self.keep_router_logits
+                and use_triton(residual) and norm_router_fits(n, h, self.experts.num_experts, self.top_k)
+                and self.gate.bias is None and self.gate.weight.dtype == residual.dtype
+                and norm.weight.dtype == residual.dtype):
+            x, residual = norm(hidden, residual)
+            return self(x), residual
+        from qwen3coder.kernels.fused_moe import moe_block_m
+        from qwen3coder.kernels.norm_router import fused_norm_router_route
+
+        x = hidden.partials if isinstance(hidden, Partials) else hidden
+        x, residual, _, r = fused_norm_router_route(x, residual, norm.weight, norm.eps, norm.zero_centered,
+                                                    self.gate.weight, self.top_k, self.norm_topk_prob,
+                                                    moe_block_m(n * self.top_k))
+        reduce = not self.fold_topk_sum
+        out = self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert), reduce=reduce)
+        return (out if reduce else TopKPartials(out)), residual
 
     def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor, reduce: bool = True
                                ) -> torch.Tensor:

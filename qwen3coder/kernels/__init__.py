@@ -4,6 +4,9 @@ The model layers call `use_triton(tensor)`: Triton kernels run for CUDA tensors 
 installed and autograd is off (they are inference kernels: no backward), unless
 `QWEN3CODER_KERNELS=torch` asks for the reference path everywhere. Training therefore always takes
 the differentiable PyTorch path.
+
+On Hopper and later every Triton kernel here is launched with programmatic dependent launch
+(`kernels.pdl`: a kernel's launch overlaps its predecessor's run; `QWEN3CODER_PDL=0` turns it off).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@
 # - tests:   the `gpu`-marked tests (kernels vs references, engine parity, graphs, async scheduling)
 # - kernels: the kernel sweeps (MoE tiles, routing, QK-norm/RoPE, skinny GEMM, prefill attention)
 # - bench:   `qwen3coder bench --preset 30b-a3b --compare-transformers --profile` (all scenarios)
-# - ab:      decode-only benchmarks (batch 1 and 16) under each switch setting of $QWEN3CODER_AB
-#            (space-separated VAR=value items; default: the baseline, the fused norm+router+routing,
-#            PDL wait-first, PDL off)
+# - ab:      benchmarks/bench_decode_variants.py: batch-1/16 decode under launch variants (PDL modes,
+#            the fused norm+router+routing, MoE tiles, qkv on the skinny GEMM) in one process;
+#            $QWEN3CODER_AB picks variants (comma-separated; default all)
 # Results (JSON) go to $QWEN3CODER_RESULTS, else $OUT (the device tool's output folder), else
 # benchmarks/results. Wheels the machine lacks (fastapi, uvicorn, ... for the online scenario and the
 # server tests) are installed from .wheels carried in .whl/ when present (see docs/ENGINE.md).
@@ -42,11 +42,6 @@ if [[ $steps == *,bench,* ]]; then
   run "$py" -m qwen3coder.cli bench --preset 30b-a3b --compare-transformers --profile
 fi
 if [[ $steps == *,ab,* ]]; then
-  skip=decode_bs1_sync,decode_nopdl,decode_bs64,ttft_1k,ttft_8k,ttft_32k,offline_10x2048x1024,offline_64x1024x128
-  for setting in BASELINE=1 ${QWEN3CODER_AB:-QWEN3CODER_FUSED_ROUTER=1 QWEN3CODER_PDL=wait-first QWEN3CODER_PDL=0}; do
-    echo "== $setting"
-    env "$setting" "$py" -m qwen3coder.cli bench --preset 30b-a3b --skip "$skip" --online-concurrency 0 \
-      | grep -E '"decode_bs(1|16)_tok_s"' || { echo "gpu_check: FAILED: ab $setting" >&2; rc=1; }
-  done
+  run "$py" benchmarks/bench_decode_variants.py --variants "${QWEN3CODER_AB:-all}"
 fi
 exit $rc

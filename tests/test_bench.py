@@ -70,3 +70,25 @@ def test_bench_qk_norm_rope_cpu_smoke(tmp_path):
         for key in ("fused_us", "fused_per_row_us", "unfused_us"):
             assert row[key] > 0
         assert set(row["sweep_us"]) == {"t8h4k4w8", "t16h4k4w8"}
+
+
+def test_decode_variants_cpu_smoke(tmp_path):
+    """benchmarks/bench_decode_variants.py on the tiny preset (CPU): the baseline first and last, every
+    requested variant measured, the patched settings restored."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_decode_variants as bdv
+    finally:
+        sys.path.pop(0)
+    from qwen3coder.kernels import fused_moe, pdl
+
+    before = (pdl._MODE, fused_moe._DECODE_TINY)
+    path = bdv.main(["--preset", "tiny", "--device", "cpu", "--variants", "pdl_wait_first,moe_tiles_down128",
+                     "--batches", "1,2", "--out-len", "4", "--max-model-len", "256", "--out-dir", str(tmp_path)])
+    record = json.loads(Path(path).read_text())
+    assert list(record["metrics"]) == ["baseline", "pdl_wait_first", "moe_tiles_down128", "baseline_end"]
+    assert not record["errors"]
+    assert all(v["decode_bs1_tok_s"] > 0 and v["decode_bs2_tok_s"] > 0 for v in record["metrics"].values())
+    assert (pdl._MODE, fused_moe._DECODE_TINY) == before
+    with pytest.raises(SystemExit):
+        bdv.main(["--variants", "nope", "--device", "cpu"])

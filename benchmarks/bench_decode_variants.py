@@ -1,0 +1,126 @@
+"""Decode speed under engine launch variants, in one process (one model build for all of them).
+
+    python benchmarks/bench_decode_variants.py --preset 30b-a3b                 # every variant
+    python benchmarks/bench_decode_variants.py --variants baseline,fused_router --batches 1
+
+Each variant sets module-level launch choices for its run and restores them afterwards: programmatic
+dependent launch off or wait-first (`kernels.pdl`), the fused post-attention norm + router + routing
+(`models.layers.moe.FUSED_NORM_ROUTER`), batch-1 fused-MoE tiles (`kernels.fused_moe._DECODE_TINY`),
+qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`). The decode CUDA graphs bake such choices in,
+so they are recaptured per variant; then decode tokens/s at each batch (`qwen3coder.bench.decode`'s
+measure: a 256-token run minus a 1-token run). A variant is only as good as its timing noise: run-to-
+run differences of ~1% were seen on an H200, so the baseline runs first and last. JSON under
+benchmarks/results/ (`decode_variants_<preset>-*.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from qwen3coder.bench.decode import decode_tok_s
+from qwen3coder.bench.results import write_result
+from qwen3coder.config import ModelConfig
+from qwen3coder.engine import LLM
+from qwen3coder.kernels import fused_moe as fm
+from qwen3coder.kernels import pdl
+from qwen3coder.kernels import skinny_gemm as sg
+from qwen3coder.loader import build_dummy_model
+from qwen3coder.models.layers import moe as moe_mod
+
+
+def _qkv_skinny(block_n: int) -> dict:
+    """TUNED with qkv_proj's shape (30B-A3B: 2048 -> 5120) on the skinny kernel instead of cuBLAS."""
+    table = dict(sg.TUNED)
+    for rows in (1, 2, 4, 8, 16):
+        table[(rows, 5120, 2048)] = sg.SkinnyConfig(block_n=block_n, split_k=1)
+    return table
+
+
+def _tiles(gate_up: tuple[int, int, int, int], down: tuple[int, int, int, int]) -> fm.MoETiles:
+    return fm.MoETiles(fm.GemmTiles(*gate_up), fm.GemmTiles(*down))
+
+
+# name -> [(module, attribute, value)]; values are built lazily (only for the variants that run)
+VARIANTS: dict[str, Any] = {
+    "baseline": lambda: [],
+    "pdl_off": lambda: [(pdl, "_ENABLED", False)],
+    "pdl_wait_first": lambda: [(pdl, "_MODE", 1)],
+    "fused_router": lambda: [(moe_mod, "FUSED_NORM_ROUTER", True)],
+    "qkv_skinny_bn32": lambda: [(sg, "TUNED", _qkv_skinny(32))],
+    "qkv_skinny_bn64": lambda: [(sg, "TUNED", _qkv_skinny(64))],
+    "moe_tiles_gu64x128w4": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 4, 5), (64, 256, 4, 3)))],
+    "moe_tiles_down128": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (128, 128, 4, 3)))],
+    "moe_tiles_down32x256w8": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 8, 3)))],
+}
+
+
+@contextlib.contextmanager
+def applied(patches: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Set the attributes for the body, then put the old values back."""
+    old = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    try:
+        for mod, name, value in patches:
+            setattr(mod, name, value)
+        yield
+    finally:
+        for mod, name, value in reversed(old):
+            setattr(mod, name, value)
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="30b-a3b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", default="all", help=f"comma-separated from {', '.join(VARIANTS)}, or all")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--out-len", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=32768 + 64)
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if names[0] != "baseline":
+        names.insert(0, "baseline")
+    if len(names) > 1:
+        names.append("baseline")  # again at the end: the drift of the measure
+    cfg = ModelConfig.preset(args.preset)
+    dev = args.device
+    batches = [int(b) for b in args.batches.split(",")]
+    model = build_dummy_model(cfg, device=dev, dtype="bfloat16" if dev == "cuda" else "float32")
+    llm = LLM(model, device=dev, skip_tokenizer_init=True, max_model_len=args.max_model_len,
+              max_num_seqs=max(batches), enable_prefix_caching=False)
+    runner = llm.llm_engine.runner
+    results: dict[str, dict[str, float]] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        key = name if name not in results else f"{name}_end"
+        t0 = time.perf_counter()
+        try:
+            with applied(VARIANTS[name]()):
+                if hasattr(runner, "recapture_graphs"):
+                    runner.recapture_graphs()
+                results[key] = {f"decode_bs{b}_tok_s": round(decode_tok_s(llm, b, cfg.vocab_size, args.out_len, dev), 2)
+                                for b in batches}
+        except Exception as e:  # one broken variant must not lose the others
+            errors[key] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        print(f"[variants] {key}: {results.get(key, errors.get(key))} ({time.perf_counter() - t0:.1f}s)",
+              flush=True)
+    if hasattr(runner, "recapture_graphs"):
+        runner.recapture_graphs()  # the defaults again (nothing else runs after, but leave it clean)
+    return write_result(f"decode_variants_{args.preset}", results,
+                        extra={"preset": args.preset, "batches": batches, "out_len": args.out_len,
+                               "errors": errors}, out_dir=args.out_dir)
+
+
+if __name__ == "__main__":
+    print("results:", main())

@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> str:
     runner = llm.llm_engine.runner
     engine_info = {"runner": type(runner).__name__,
                    "async_scheduling": llm.llm_engine.config.async_scheduling,
-                   "pdl": dev == "cuda" and pdl.use_pdl(torch.device(dev)),
+                   "pdl": pdl.use_pdl(torch.device(dev)),
                    "cuda_graph_batch_sizes": sorted(getattr(runner, "graphs", {}) or {}),
                    "kernels": "triton" if (dev == "cuda" and getattr(model, "supports_cuda_graphs", False))
                    else "torch"}
@@ -212,17 +212,15 @@ def run(args: argparse.Namespace) -> str:
                 llm.llm_engine.config.async_scheduling = True
         scenario("decode_bs1_sync", bs1_sync)
     scenario("decode_bs16", bs(16))
-    if dev == "cuda" and pdl.use_pdl(torch.device(dev)) and hasattr(runner, "recapture_graphs") and not quick:
+    if not quick:
         def no_pdl() -> None:  # what programmatic dependent launch brings: graphs captured without it
-            pdl.set_pdl_enabled(False)
-            try:
-                runner.recapture_graphs()
-                for n in (1, 16):
-                    metrics[f"decode_bs{n}_nopdl_tok_s"] = round(decode_tok_s(llm, n, cfg.vocab_size, out_len,
-                                                                              dev), 2)
-            finally:
-                pdl.set_pdl_enabled(True)
-                runner.recapture_graphs()
+            from qwen3coder.bench.profile import without_pdl
+
+            with without_pdl(llm) as switched:
+                if switched:
+                    for n in (1, 16):
+                        metrics[f"decode_bs{n}_nopdl_tok_s"] = round(
+                            decode_tok_s(llm, n, cfg.vocab_size, out_len, dev), 2)
         scenario("decode_nopdl", no_pdl)
     scenario("decode_bs64", bs(64))
     for label, n in (("1k", 1024), ("8k", 8192), ("32k", 32768)):

@@ -21,7 +21,8 @@ load, store or early return):
    writes are visible. Completion is therefore transitive — a completed kernel implies every earlier
    kernel in the stream completed — so a kernel sees everything written before it in stream order,
    and the caching allocator's reuse of a buffer that an earlier kernel still reads is safe, as
-   without PDL.
+   without PDL. (Weights, which no kernel writes, may be read before the wait: `kernels.norm_router`
+   loads its router rows first.)
 
 `QWEN3CODER_PDL=wait-first` swaps the two (wait, then let the next grid launch: at most two grids
 resident). Measured on an H200 at batch-1 decode of the 30B-A3B (decode graphs, dummy weights): no PDL

@@ -6,7 +6,8 @@
 Each variant sets module-level launch choices for its run and restores them afterwards: programmatic
 dependent launch off or wait-first (`kernels.pdl`), the fused post-attention norm + router + routing
 (`models.layers.moe.FUSED_NORM_ROUTER`), batch-1 fused-MoE tiles (`kernels.fused_moe._DECODE_TINY`),
-qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`). The decode CUDA graphs bake such choices in,
+qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV with the input norm
+fused in front of qkv_proj or for o_proj (`kernels.norm_gemv.TUNED`); `a+b` runs two variants together. The decode CUDA graphs bake such choices in,
 so they are recaptured per variant; then decode tokens/s at each batch (`qwen3coder.bench.decode`'s
 measure: a 256-token run minus a 1-token run). A variant is only as good as its timing noise: run-to-
 run differences of ~1% were seen on an H200, so the baseline runs first and last. JSON under
@@ -29,6 +30,7 @@ from qwen3coder.bench.results import write_result
 from qwen3coder.config import ModelConfig
 from qwen3coder.engine import LLM
 from qwen3coder.kernels import fused_moe as fm
+from qwen3coder.kernels import norm_gemv as ng
 from qwen3coder.kernels import pdl
 from qwen3coder.kernels import skinny_gemm as sg
 from qwen3coder.loader import build_dummy_model
@@ -58,7 +60,19 @@ VARIANTS: dict[str, Any] = {
     "moe_tiles_gu64x128w4": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 4, 5), (64, 256, 4, 3)))],
     "moe_tiles_down128": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (128, 128, 4, 3)))],
     "moe_tiles_down32x256w8": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 8, 3)))],
+    "no_gemv": lambda: [(ng, "TUNED", {})],
+    **{f"norm_qkv_{t // 1024}k_w{w}": (lambda t=t, w=w: [(ng, "TUNED", {(5120, 2048): ng.GemvConfig(t, w)})])
+       for t, w in ((4096, 2), (8192, 4), (16384, 4), (16384, 8), (32768, 8))},
+    **{f"gemv_oproj_{t // 1024}k_w{w}": (lambda t=t, w=w: [(ng, "TUNED", {(2048, 4096): ng.GemvConfig(t, w)})])
+       for t, w in ((8192, 4), (16384, 4), (16384, 8))},
+    **{f"gemv_qkv_oproj_{t // 1024}k_w{w}": (lambda t=t, w=w: [(ng, "TUNED", {
+        (5120, 2048): ng.GemvConfig(t, w), (2048, 4096): ng.GemvConfig(t, w)})]) for t, w in ((8192, 4), (16384, 8))},
 }
+
+
+def patches_of(name: str) -> list[tuple[Any, str, Any]]:
+    """A variant's patches; `a+b` combines variants (a later one wins where both set an attribute)."""
+    return [p for part in name.split("+") for p in VARIANTS[part]()]
 
 
 @contextlib.contextmanager
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if any(part not in VARIANTS for part in n.split("+"))]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if names[0] != "baseline":
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> str:
         key = name if name not in results else f"{name}_end"
         t0 = time.perf_counter()
         try:
-            with applied(VARIANTS[name]()):
+            with applied(patches_of(name)):
                 if hasattr(runner, "recapture_graphs"):
                     runner.recapture_graphs()
                 results[key] = {f"decode_bs{b}_tok_s": round(decode_tok_s(llm, b, cfg.vocab_size, args.out_len, dev), 2)

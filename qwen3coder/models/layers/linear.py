@@ -5,7 +5,9 @@ state_dict keys, checkpoint names and the weight loader are unchanged. `forward`
 `qwen3coder.kernels.skinny_gemm.skinny_linear` when the input is on the Triton path (`use_triton`:
 CUDA, no autograd, kernels enabled) and `use_skinny` accepts the shape (bf16/fp16, at most
 `SKINNY_MAX_M` rows, ...); everything else — prefill-sized batches, fp32, training, CPU — goes to
-`F.linear` (cuBLAS on the GPU). `QWEN3CODER_SKINNY_GEMM=0` switches the skinny path off.
+`F.linear` (cuBLAS on the GPU). `QWEN3CODER_SKINNY_GEMM=0` switches the skinny path off. Shapes
+that `qwen3coder.kernels.norm_gemv` lists (measured wins at 1..4 rows) take its register-tile GEMV
+first, whose weight reads start before the previous kernel ends.
 
 Quantized weights never take the skinny path: the kernel reads `weight` as bf16/fp16 values, so a
 weight stored in another dtype (FP8) or a module carrying scales (`weight_scale`,
@@ -39,8 +41,27 @@ def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return use_skinny(x.numel() // max(1, k), weight.shape[0], k, dtype, x.device)
 
 
+def gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The `kernels.norm_gemv` configuration when `linear(x, weight, bias)` (x on the Triton path) should
+    take that kernel — tensor checks as `skinny_eligible`'s, 2-D x, and `norm_gemv.gemv_config`'s shape
+    policy — else None."""
+    dtype = x.dtype
+    if dtype not in _HALF or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        return None
+    if x.dim() != 2 or weight.dim() != 2 or weight.stride(1) != 1:
+        return None
+    from qwen3coder.kernels.norm_gemv import gemv_config as policy
+
+    return policy(x.shape[0], weight.shape[0], x.shape[1], dtype, x.device)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through `skinny_linear` for decode-sized inputs on the Triton path."""
+    """F.linear, through the register-tile GEMV or `skinny_linear` for decode-sized inputs on the
+    Triton path."""
+    if use_triton(x) and (cfg := gemv_config(x, weight, bias)) is not None:
+        from qwen3coder.kernels.norm_gemv import gemv
+
+        return gemv(x, weight, bias, cfg)
     if use_triton(x) and skinny_eligible(x, weight, bias):
         from qwen3coder.kernels.skinny_gemm import skinny_linear
 
@@ -58,11 +79,16 @@ class Linear(nn.Linear):
 
     fold_split_k = False
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the layer carries FP8 scales (then only `F.linear` serves it)."""
+        return getattr(self, "weight_scale_inv", None) is not None or getattr(self, "weight_scale", None) is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
-        if getattr(self, "weight_scale_inv", None) is not None or getattr(self, "weight_scale", None) is not None:
+        if self.quantized:
             return F.linear(x, self.weight, self.bias)  # a quantized layer: not for the bf16 kernel
         if self.fold_split_k and self.bias is None and x.dim() == 2 and use_triton(x) \
-                and skinny_eligible(x, self.weight, None):
+                and gemv_config(x, self.weight, None) is None and skinny_eligible(x, self.weight, None):
             from qwen3coder.kernels.skinny_gemm import skinny_linear
 
             y = skinny_linear(x, self.weight, None, reduce=False)

@@ -1,13 +1,13 @@
 """Decode speed under engine launch variants, in one process (one model build for all of them).
 
     python benchmarks/bench_decode_variants.py --preset 30b-a3b                 # every variant
-    python benchmarks/bench_decode_variants.py --variants baseline,fused_router --batches 1
+    python benchmarks/bench_decode_variants.py --variants baseline,fused_router_off --batches 1
 
 Each variant sets module-level launch choices for its run and restores them afterwards: programmatic
 dependent launch off or wait-first (`kernels.pdl`), the fused post-attention norm + router + routing
-(`models.layers.moe.FUSED_NORM_ROUTER`), batch-1 fused-MoE tiles (`kernels.fused_moe._DECODE_TINY`),
-qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV with the input norm
-fused in front of qkv_proj or for o_proj (`kernels.norm_gemv.TUNED`); `a+b` runs two variants together. The decode CUDA graphs bake such choices in,
+(`models.layers.moe.FUSED_NORM_ROUTER`, on by default), batch-1 fused-MoE tiles
+(`kernels.fused_moe._DECODE_TINY`), qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV's shapes and tiles
+(`kernels.gemv.TUNED`); `a+b` runs two variants together. The decode CUDA graphs bake such choices in,
 so they are recaptured per variant; then decode tokens/s at each batch (`qwen3coder.bench.decode`'s
 measure: a 256-token run minus a 1-token run). A variant is only as good as its timing noise: run-to-
 run differences of ~1% were seen on an H200, so the baseline runs first and last. JSON under
@@ -30,7 +30,7 @@ from qwen3coder.bench.results import write_result
 from qwen3coder.config import ModelConfig
 from qwen3coder.engine import LLM
 from qwen3coder.kernels import fused_moe as fm
-from qwen3coder.kernels import norm_gemv as ng
+from qwen3coder.kernels import gemv as gv
 from qwen3coder.kernels import pdl
 from qwen3coder.kernels import skinny_gemm as sg
 from qwen3coder.loader import build_dummy_model
@@ -54,19 +54,20 @@ VARIANTS: dict[str, Any] = {
     "baseline": lambda: [],
     "pdl_off": lambda: [(pdl, "_ENABLED", False)],
     "pdl_wait_first": lambda: [(pdl, "_MODE", 1)],
-    "fused_router": lambda: [(moe_mod, "FUSED_NORM_ROUTER", True)],
+    "fused_router_off": lambda: [(moe_mod, "FUSED_NORM_ROUTER", False)],
     "qkv_skinny_bn32": lambda: [(sg, "TUNED", _qkv_skinny(32))],
     "qkv_skinny_bn64": lambda: [(sg, "TUNED", _qkv_skinny(64))],
     "moe_tiles_gu64x128w4": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 4, 5), (64, 256, 4, 3)))],
+    "moe_tiles_gu32x256w4": lambda: [(fm, "_DECODE_TINY", _tiles((32, 256, 4, 3), (64, 256, 4, 3)))],
+    "moe_tiles_gu32x128w4s5": lambda: [(fm, "_DECODE_TINY", _tiles((32, 128, 4, 5), (64, 256, 4, 3)))],
     "moe_tiles_down128": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (128, 128, 4, 3)))],
+    "moe_tiles_down32x256w4": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 4, 3)))],
     "moe_tiles_down32x256w8": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 8, 3)))],
-    "no_gemv": lambda: [(ng, "TUNED", {})],
-    **{f"norm_qkv_{t // 1024}k_w{w}": (lambda t=t, w=w: [(ng, "TUNED", {(5120, 2048): ng.GemvConfig(t, w)})])
-       for t, w in ((4096, 2), (8192, 4), (16384, 4), (16384, 8), (32768, 8))},
-    **{f"gemv_oproj_{t // 1024}k_w{w}": (lambda t=t, w=w: [(ng, "TUNED", {(2048, 4096): ng.GemvConfig(t, w)})])
-       for t, w in ((8192, 4), (16384, 4), (16384, 8))},
-    **{f"gemv_qkv_oproj_{t // 1024}k_w{w}": (lambda t=t, w=w: [(ng, "TUNED", {
-        (5120, 2048): ng.GemvConfig(t, w), (2048, 4096): ng.GemvConfig(t, w)})]) for t, w in ((8192, 4), (16384, 8))},
+    "no_gemv": lambda: [(gv, "TUNED", {})],
+    "gemv_oproj_4k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(4096, 4)})],
+    "gemv_oproj_16k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(16384, 4)})],
+    "gemv_oproj_bs2": lambda: [(gv, "TUNED", {**gv.TUNED, (2, 2048, 4096): gv.GemvConfig(8192, 4)})],
+    "gemv_qkv": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(8192, 4)})],
 }
 
 

@@ -80,15 +80,15 @@ def test_decode_variants_cpu_smoke(tmp_path):
         import bench_decode_variants as bdv
     finally:
         sys.path.pop(0)
-    from qwen3coder.kernels import fused_moe, norm_gemv, pdl
+    from qwen3coder.kernels import fused_moe, gemv, pdl
 
-    before = (pdl._MODE, fused_moe._DECODE_TINY, norm_gemv.TUNED)
+    before = (pdl._MODE, fused_moe._DECODE_TINY, gemv.TUNED)
     path = bdv.main(["--preset", "tiny", "--device", "cpu", "--variants", "pdl_wait_first,moe_tiles_down128+no_gemv",
                      "--batches", "1,2", "--out-len", "4", "--max-model-len", "256", "--out-dir", str(tmp_path)])
     record = json.loads(Path(path).read_text())
     assert list(record["metrics"]) == ["baseline", "pdl_wait_first", "moe_tiles_down128+no_gemv", "baseline_end"]
     assert not record["errors"]
     assert all(v["decode_bs1_tok_s"] > 0 and v["decode_bs2_tok_s"] > 0 for v in record["metrics"].values())
-    assert (pdl._MODE, fused_moe._DECODE_TINY, norm_gemv.TUNED) == before
+    assert (pdl._MODE, fused_moe._DECODE_TINY, gemv.TUNED) == before
     with pytest.raises(SystemExit):
         bdv.main(["--variants", "nope", "--device", "cpu"])

@@ -55,9 +55,9 @@ class Qwen3MoeDecoderLayer(nn.Module):
         """(FFN output, residual) for the next layer's input_layernorm to add (see the module docstring)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
-            hidden = self.self_attn(positions, hidden, ctx)
-        else:  # may fuse the norm into the qkv projection
-            hidden, residual = self.self_attn.forward_with_norm(positions, hidden, residual, self.input_layernorm, ctx)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, ctx)
         if isinstance(self.mlp, SparseMoeBlock):  # may fuse the norm with the router and routing
             return self.mlp.forward_with_norm(hidden, residual, self.post_attention_layernorm)
         hidden, residual = self.post_attention_layernorm(hidden, residual)

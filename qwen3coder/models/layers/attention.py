@@ -20,7 +20,6 @@ from qwen3coder.kernels import use_triton
 from qwen3coder.models.context import ForwardContext
 from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.norms import RMSNorm
-from qwen3coder.models.layers.partials import Partials
 from qwen3coder.models.layers.rotary import RotaryEmbedding
 
 
@@ -170,37 +169,8 @@ class Qwen3Attention(nn.Module):
         return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self._forward_qkv(positions, self.qkv_proj(hidden), ctx)
-
-    def forward_with_norm(self, positions: torch.Tensor, hidden: torch.Tensor | Partials, residual: torch.Tensor,
-                          norm: RMSNorm, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(self(positions, x, ctx), new_residual)` where `(x, new_residual) = norm(hidden, residual)`: the
-        decoder layer's input norm and this mixer. On the Triton path, for the few rows that
-        `kernels.norm_gemv` lists for the qkv shape, the norm runs inside the qkv GEMV (one launch);
-        otherwise exactly `norm` then `forward`."""
-        proj = self.qkv_proj
-        x = hidden.partials if isinstance(hidden, Partials) else hidden
-        cfg = None
-        if use_triton(residual) and norm.weight.dtype == residual.dtype and proj.weight.dtype == residual.dtype \
-                and (proj.bias is None or proj.bias.dtype == residual.dtype) and not proj.quantized \
-                and (not isinstance(hidden, Partials) or hidden.out_dtype == residual.dtype):
-            from qwen3coder.kernels.norm_gemv import gemv_config
-
-            cfg = gemv_config(residual.shape[0], proj.weight.shape[0], residual.shape[1], residual.dtype,
-                              residual.device)
-        if cfg is None:
-            hidden, residual = norm(hidden, residual)
-            return self(positions, hidden, ctx), residual
-        from qwen3coder.kernels.norm_gemv import norm_gemv
-
-        qkv, residual = norm_gemv(x, residual, norm.weight, norm.eps, norm.zero_centered, proj.weight, proj.bias,
-                                  cfg)
-        return self._forward_qkv(positions, qkv, ctx), residual
-
-    def _forward_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Everything after the qkv projection: QK-norm, RoPE, the KV store, attention, the output gate
-        and projection."""
-        n = qkv.shape[0]
+        n = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         gate = None
         if self.output_gate:

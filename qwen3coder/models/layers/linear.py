@@ -6,8 +6,8 @@ state_dict keys, checkpoint names and the weight loader are unchanged. `forward`
 CUDA, no autograd, kernels enabled) and `use_skinny` accepts the shape (bf16/fp16, at most
 `SKINNY_MAX_M` rows, ...); everything else — prefill-sized batches, fp32, training, CPU — goes to
 `F.linear` (cuBLAS on the GPU). `QWEN3CODER_SKINNY_GEMM=0` switches the skinny path off. Shapes
-that `qwen3coder.kernels.norm_gemv` lists (measured wins at 1..4 rows) take its register-tile GEMV
-first, whose weight reads start before the previous kernel ends.
+that `qwen3coder.kernels.gemv` lists (measured wins: today the attention output projection at batch 1)
+take its register-tile GEMV first, whose weight reads start before the previous kernel ends.
 
 Quantized weights never take the skinny path: the kernel reads `weight` as bf16/fp16 values, so a
 weight stored in another dtype (FP8) or a module carrying scales (`weight_scale`,
@@ -42,15 +42,15 @@ def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """The `kernels.norm_gemv` configuration when `linear(x, weight, bias)` (x on the Triton path) should
-    take that kernel — tensor checks as `skinny_eligible`'s, 2-D x, and `norm_gemv.gemv_config`'s shape
+    """The `kernels.gemv` configuration when `linear(x, weight, bias)` (x on the Triton path) should
+    take that kernel — tensor checks as `skinny_eligible`'s, 2-D x, and `gemv.gemv_config`'s shape
     policy — else None."""
     dtype = x.dtype
     if dtype not in _HALF or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
         return None
     if x.dim() != 2 or weight.dim() != 2 or weight.stride(1) != 1:
         return None
-    from qwen3coder.kernels.norm_gemv import gemv_config as policy
+    from qwen3coder.kernels.gemv import gemv_config as policy
 
     return policy(x.shape[0], weight.shape[0], x.shape[1], dtype, x.device)
 
@@ -59,7 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, through the register-tile GEMV or `skinny_linear` for decode-sized inputs on the
     Triton path."""
     if use_triton(x) and (cfg := gemv_config(x, weight, bias)) is not None:
-        from qwen3coder.kernels.norm_gemv import gemv
+        from qwen3coder.kernels.gemv import gemv
 
         return gemv(x, weight, bias, cfg)
     if use_triton(x) and skinny_eligible(x, weight, bias):

@@ -70,8 +70,9 @@ def moe_forward_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
 
 
 # post-attention norm + router + routing in one launch at decode (`SparseMoeBlock.forward_with_norm`);
-# off until measured on a GPU
-FUSED_NORM_ROUTER = os.environ.get("QWEN3CODER_FUSED_ROUTER", "0") == "1"
+# H200, 30B-A3B decode: batch 1 / 2 / 4 / 16 from 333 / 505 / 743 / 1,457 to 342 / 517 / 749 / 1,463 tok/s
+# (benchmarks/results/decode_variants_30b-a3b-20261130T084348.json). QWEN3CODER_FUSED_ROUTER=0: off.
+FUSED_NORM_ROUTER = os.environ.get("QWEN3CODER_FUSED_ROUTER", "1") != "0"
 
 
 class Experts(nn.Module):
@@ -138,7 +139,7 @@ class SparseMoeBlock(nn.Module):
     def forward_with_norm(self, hidden: torch.Tensor | Partials, residual: torch.Tensor, norm: RMSNorm
                           ) -> tuple[torch.Tensor | TopKPartials, torch.Tensor]:
         """`(self(x), new_residual)` where `(x, new_residual) = norm(hidden, residual)`: the decoder layer's
-        post-attention norm and this block. With `QWEN3CODER_FUSED_ROUTER=1`, on the Triton path, for
+        post-attention norm and this block. Unless `QWEN3CODER_FUSED_ROUTER=0`, on the Triton path, for
         decode-sized batches and without a shared expert, the norm, the router GEMV and the routing
         run as one launch (`kernels.norm_router`); otherwise exactly `norm` then `forward`."""
         from qwen3coder.kernels.norm_router import norm_router_fits

@@ -26,10 +26,10 @@ from qwen3coder.engine import LLM, SamplingParams
 FAMILIES: list[tuple[str, re.Pattern[str]]] = [
     ("attention", re.compile(r"paged_decode|paged_prefill|qk_norm_rope|flash|fmha|attention|sdpa|efficient_attention", re.I)),
     ("fused_moe", re.compile(r"grouped_gemm|fused_moe|gate_up_swiglu|down_proj_kernel", re.I)),
-    ("moe_routing", re.compile(r"route_align|topk|sort|scatter|searchsorted|bincount|cumsum|softmax|radix",
+    ("moe_routing", re.compile(r"route_align|norm_router|topk|sort|scatter|searchsorted|bincount|cumsum|softmax|radix",
                                re.I)),
     ("norm", re.compile(r"rmsnorm|rsqrt|norm", re.I)),
-    ("gemm", re.compile(r"gemm|matmul|mm|nvjet|cutlass|sm90|xmma|addmm|linear", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|matmul|mm|nvjet|cutlass|sm90|xmma|addmm|linear", re.I)),
     ("sampling", re.compile(r"argmax|multinomial|exponential|log_softmax|max_|sampl", re.I)),
     ("memcpy", re.compile(r"memcpy|memset|copy|index|gather|cat", re.I)),
 ]

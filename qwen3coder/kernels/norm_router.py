@@ -13,8 +13,8 @@ At batch-1 decode a Qwen3-MoE layer enters its FFN through three dependent, late
    and the normed row (the experts' input);
 3. its experts' logits for the row: fp32 dot products of the normed row with its router rows, rounded
    to the activation dtype (the router `Linear`'s output dtype), stored to `router_logits [N, E]`;
-4. each program then counts itself on an arrival counter (an acquire-release atomic: a program's
-   logits stores happen before its arrival, and the last arriver's loads after it); the last program
+4. each program then counts itself on an arrival counter (a CTA barrier, then an acquire-release
+   atomic: a program's logits stores happen before its arrival, and the last arriver's loads after it); the last program
    to arrive runs the one-program routing over all N rows (`moe_routing.route_align_rows`: softmax,
    top-k, renormalisation, the expert-sorted layout) and resets the counter to 0, so one counter
    serves every layer, step and graph replay (launches of this kernel never overlap: each waits for
@@ -101,8 +101,11 @@ if triton is not None:
             tl.store(out_ptr + row * n_cols + cols, y, mask=mask)
         logit = tl.sum(w * y.to(tl.float32)[None, :], axis=1)  # [BLOCK_E] fp32
         tl.store(logits_ptr + row * num_experts + experts, logit.to(logits_ptr.dtype.element_ty), mask=e_ok)
+        # a scalar atomic is issued by one thread: the CTA barrier first makes every thread's logits stores
+        # part of what its release publishes
+        tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-        if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:  # the last program: every program's logits are stored
+        if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:  # the last: every program's logits are stored
             route_align_rows(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, num_tokens,
                              num_experts, num_experts, num_slots, num_blocks, TOP_K, NORM, BLOCK_M, N_PAD,
                              E_PAD, K_PAD, RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD)

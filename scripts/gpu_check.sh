@@ -9,7 +9,8 @@
 #            the fused norm+router+routing, MoE tiles, qkv on the skinny GEMM) in one process;
 #            $QWEN3CODER_AB picks variants (comma-separated; default all)
 # Results (JSON) go to $QWEN3CODER_RESULTS, else $OUT (the device tool's output folder), else
-# benchmarks/results. Wheels the machine lacks (fastapi, uvicorn, ... for the online scenario and the
+# benchmarks/results. Pass QWEN3CODER_COMMIT=<hash> from your checkout: a copied tree's `git rev-parse`
+# can answer with a stale HEAD (it did on the device machine). Wheels the machine lacks (fastapi, uvicorn, ... for the online scenario and the
 # server tests) are installed from .wheels carried in .whl/ when present (see docs/ENGINE.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."

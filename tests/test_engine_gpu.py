@@ -129,3 +129,17 @@ def test_async_scheduling_matches_sync_on_cuda(checkpoint):
             outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], mixed, use_tqdm=False)
             results.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs])
         assert results[0] == results[1], f"enforce_eager={eager}"
+
+
+def test_recapture_keeps_the_static_inputs_and_the_outputs(checkpoint):
+    """`recapture_graphs` between two generations: the static input buffers hold the same values
+    before and after (a replay right after runs the same step), and greedy outputs are unchanged."""
+    first, llm = generate(checkpoint, device="cuda", dtype="bfloat16")
+    runner = llm.llm_engine.runner
+    before = {name: getattr(runner, name).clone() for name in runner._STATIC_INPUTS}
+    assert before["g_seq_lens"].max().item() > 1  # the last decode step's lengths, not the fresh buffer's
+    runner.recapture_graphs()
+    for name, value in before.items():
+        assert torch.equal(getattr(runner, name), value), name
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == first

@@ -132,15 +132,23 @@ class CudaModelRunner(ModelRunner):
             torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
 
+    _STATIC_INPUTS = ("g_input_ids", "g_positions", "g_slot_mapping", "g_block_tables", "g_seq_lens",
+                      "g_query_start_loc", "g_state_indices")
+
     def recapture_graphs(self) -> None:
         """Capture the decode graphs again, e.g. after switching a launch setting that graphs bake in
-        (programmatic dependent launch, the skinny-GEMM switch); no-op when the runner has none."""
+        (programmatic dependent launch, the skinny-GEMM switch); no-op when the runner has none. The
+        static inputs keep their values (capture starts from fresh buffers), so a replay right after
+        runs the same step as one right before (`bench.profile.graph_replay_ms` relies on it)."""
         if not self.graphs:
             return
+        saved = {name: getattr(self, name).clone() for name in self._STATIC_INPUTS}
         self.graphs.clear()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         self.capture_graphs()
+        for name, value in saved.items():
+            getattr(self, name).copy_(value)
 
     def _graph_context(self, bs: int) -> ForwardContext:
         max_len = self.config.scheduler.max_model_len

@@ -32,6 +32,10 @@ from dataclasses import dataclass
 import torch
 
 from qwen3coder.kernels.pdl import pdl_launch
+# the plain-PyTorch reference (fp32 products and sums, bias in fp32, one rounding) and the rows key are
+# the skinny GEMM's
+from qwen3coder.kernels.skinny_gemm import row_bucket
+from qwen3coder.kernels.skinny_gemm import skinny_linear_reference as gemv_reference  # noqa: F401
 
 try:
     import triton
@@ -57,11 +61,6 @@ class GemvConfig:
         return max(1, self.w_tile // triton.next_power_of_2(k))
 
 
-def row_bucket(m: int) -> int:
-    """m rounded up to a power of two: the row key of `TUNED`."""
-    return 1 << max(0, m - 1).bit_length()
-
-
 # (rows bucket, N, K) -> configuration: the shapes measured faster here than on their usual path
 # (the module docstring); others keep theirs. Tests list their own shapes.
 TUNED: dict[tuple[int, int, int], GemvConfig] = {(1, 2048, 4096): GemvConfig(8192, 4)}
@@ -84,14 +83,6 @@ def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device
     if device.type != "cuda" and not (_INTERPRET and device.type == "cpu"):
         return None
     return TUNED.get((row_bucket(m), n, k))
-
-
-def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-PyTorch GEMV: fp32 products and sums, bias added in fp32, one rounding to x's dtype."""
-    y = x.float() @ weight.float().t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
 
 
 if triton is not None:

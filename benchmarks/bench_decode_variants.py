@@ -6,13 +6,14 @@
 Each variant sets module-level launch choices for its run and restores them afterwards: programmatic
 dependent launch off or wait-first (`kernels.pdl`), the fused post-attention norm + router + routing
 (`models.layers.moe.FUSED_NORM_ROUTER`, on by default; its router rows per program,
-`kernels.norm_router.ROUTER_TILE`), batch-1 fused-MoE tiles (`kernels.fused_moe._DECODE_TINY`),
-qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV's shapes and tiles
-(`kernels.gemv.TUNED`); `a+b` runs two variants together. The decode CUDA graphs bake such choices in,
-so they are recaptured per variant; then decode tokens/s at each batch (`qwen3coder.bench.decode`'s
-measure: a 256-token run minus a 1-token run). A variant is only as good as its timing noise: run-to-
-run differences of ~1% were seen on an H200, so the baseline runs first and last. JSON under
-benchmarks/results/ (`decode_variants_<preset>-*.json`).
+`kernels.norm_router.ROUTER_TILE`), batch-1 fused-MoE tiles (`kernels.fused_moe._DECODE_TINY`), qkv_proj
+on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV's shapes and tiles
+(`kernels.gemv.TUNED`), decode attention's splits merged by the last to arrive
+(`kernels.paged_attention.LAST_SPLIT_MERGE`); `a+b` runs two variants together. The decode CUDA graphs
+bake such choices in, so they are recaptured per variant; then decode tokens/s at each batch
+(`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run). A variant is only as good as
+its timing noise: run-to-run differences of ~1% were seen on an H200, so the baseline runs first and
+last. JSON under benchmarks/results/ (`decode_variants_<preset>-*.json`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from qwen3coder.engine import LLM
 from qwen3coder.kernels import fused_moe as fm
 from qwen3coder.kernels import gemv as gv
 from qwen3coder.kernels import norm_router as nr
+from qwen3coder.kernels import paged_attention as pa
 from qwen3coder.kernels import pdl
 from qwen3coder.kernels import skinny_gemm as sg
 from qwen3coder.loader import build_dummy_model
@@ -66,6 +68,7 @@ VARIANTS: dict[str, Any] = {
     "moe_tiles_down32x256w4": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 4, 3)))],
     "moe_tiles_down32x256w8": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 8, 3)))],
     **{f"router_tile_{t // 1024}k": (lambda t=t: [(nr, "ROUTER_TILE", t)]) for t in (2048, 4096, 8192)},
+    "attn_last_split_merge": lambda: [(pa, "LAST_SPLIT_MERGE", True)],
     "no_gemv": lambda: [(gv, "TUNED", {})],
     "gemv_oproj_4k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(4096, 4)})],
     "gemv_oproj_16k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(16384, 4)})],

@@ -187,6 +187,50 @@ def test_paged_decode_min_tiles(min_tiles, num_splits, heads, kv_heads, head_dim
     assert torch.equal(got[one], single[one])
 
 
+@pytest.mark.parametrize("num_splits", [3, 64])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(8, 2, 64, 16), (6, 2, 32, 16), (4, 4, 64, 16)])
+def test_paged_decode_last_split_merge(num_splits, heads, kv_heads, head_dim, block_size):
+    """Splits merged by the last one to arrive (no merge launch): every row written (NaN-filled
+    scratch), within fp32 rounding of the merge kernel's output (the same weights; sums in another
+    order), single-split rows bitwise the same, and the arrival counters back at 0 for the next call."""
+    from qwen3coder.kernels import paged_attention as pa
+
+    q, k_cache, v_cache, ctx = _paged_case(MIXED_LENS, heads, kv_heads, head_dim, block_size, torch.float32,
+                                           seed=11, width=64)
+    scale = head_dim ** -0.5
+    args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale)
+    separate = _decode_nan_scratch(*args, num_splits=num_splits, last_split_merge=False)
+    for _ in range(2):  # the counters reset: a second launch merges as well
+        merged = _decode_nan_scratch(*args, num_splits=num_splits, last_split_merge=True)
+        assert not merged.isnan().any()
+        assert (merged - separate).abs().max().item() <= 1e-5
+        counters = pa._COUNTERS[q.device]
+        assert counters.abs().sum().item() == 0
+    one = torch.tensor([splits_used(n, num_splits) == 1 for n in MIXED_LENS], device=q.device)
+    assert torch.equal(merged[one], separate[one])
+    expected = paged_attention_reference(q, k_cache, v_cache, ctx, scale)
+    assert (merged - expected).abs().max().item() <= TOL[torch.float32] * 4
+
+
+def test_paged_decode_last_split_merge_default(monkeypatch):
+    """`last_split_merge=None` follows the module switch (off by default: not yet measured on a GPU)."""
+    from qwen3coder.kernels import paged_attention as pa
+
+    assert pa.LAST_SPLIT_MERGE is False
+    q, k_cache, v_cache, ctx = _paged_case([700, 65], 8, 2, 64, 16, torch.float32, seed=12)
+    args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, 0.125)
+    monkeypatch.setattr(pa, "LAST_SPLIT_MERGE", True)
+    launches = []
+    real = pa._paged_decode_merge_kernel
+    monkeypatch.setattr(pa, "_paged_decode_merge_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: (launches.append(grid), real[grid])[1]})())
+    merged = paged_attention_decode(*args, num_splits=8)
+    assert launches == []  # no merge launch
+    assert torch.equal(merged, paged_attention_decode(*args, num_splits=8, last_split_merge=True))
+    paged_attention_decode(*args, num_splits=8, last_split_merge=False)
+    assert len(launches) == 1
+
+
 def test_paged_decode_min_tiles_default():
     """None takes the module default; a floor below 1 is clamped to 1 (no floor)."""
     q, k_cache, v_cache, ctx = _paged_case([160, 700], 4, 1, 64, 16, torch.float32, seed=8)
@@ -200,12 +244,15 @@ def test_paged_decode_min_tiles_default():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_paged_decode_cuda_graph_30b_shape():
+@pytest.mark.parametrize("last_split_merge", [False, True])
+def test_paged_decode_cuda_graph_30b_shape(last_split_merge):
     """Qwen3-30B-A3B attention (32 query / 4 KV heads, dim 128, bf16, block 16): captured once with a
     32768-token bound, replayed for several real lengths. Compared with the fp32 reference on the
     same bf16 inputs: the kernel rounds p to bf16 before the PV dot and the output to bf16, each a
     relative error <= 2^-9; outputs are softmax averages of N(0, 1) values (|out| <~ 4), so errors
-    stay below ~1e-2 and 2e-2 leaves margin while catching any masking or merge bug (O(0.1-1))."""
+    stay below ~1e-2 and 2e-2 leaves margin while catching any masking or merge bug (O(0.1-1)).
+    Both merges: the merge kernel and the last split to arrive (whose counters must reset on every
+    replay)."""
     heads, kv_heads, dim, bs, bound = 32, 4, 128, 16, 32768
     g = torch.Generator().manual_seed(4)
     width = bound // bs
@@ -221,7 +268,8 @@ def test_paged_decode_cuda_graph_30b_shape():
         assert choose_num_splits(batch, kv_heads, bound, q.device) > 1
 
         def call():
-            return paged_attention_decode(q, k_cache, v_cache, tables, lens, scale, max_seq_len=bound)
+            return paged_attention_decode(q, k_cache, v_cache, tables, lens, scale, max_seq_len=bound,
+                                          last_split_merge=last_split_merge)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -242,7 +290,7 @@ def test_paged_decode_cuda_graph_30b_shape():
             expected = paged_attention_reference(q.float(), k_cache, v_cache, ctx, scale)
             err = (out.float() - expected).abs().max().item()
             assert err <= 2e-2, (batch, real, err)
-            eager = paged_attention_decode(q, k_cache, v_cache, tables, lens, scale, max_seq_len=bound)
+            eager = call()
             assert torch.equal(eager, out)
 
 

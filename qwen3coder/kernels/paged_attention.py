@@ -26,6 +26,11 @@ Design (flash-decoding with a split count fixed on the host, token ranges chosen
   return at once (their output is already written). Both kernels compute per_split/used from the
   same (seq_len, S, min_tiles), so they agree on which path each sequence takes. The direct write
   equals what the merge would give for one partial (its weight is exp2(0) = 1): same bits.
+* Opt-in (`LAST_SPLIT_MERGE`, `QWEN3CODER_LAST_SPLIT_MERGE=1`; not yet measured on a GPU): no merge
+  launch. A split program that wrote partials counts itself on its (sequence, KV head)'s arrival
+  counter (a CTA barrier, then an acquire-release atomic); the last of the `used` splits to arrive
+  resets the counter and merges the group's heads with the merge kernel's arithmetic, `CHUNK` splits
+  at a time (fp32 sums in another order: equal to the merge kernel's output to fp32 rounding).
 
 fp32 caches use IEEE dots (tf32 would break fp32 parity with the CPU path); bf16/fp16 use tensor
 cores natively. `paged_attention_reference` in `qwen3coder.models.layers.attention` is the
@@ -35,6 +40,7 @@ plain-PyTorch reference that tests compare against.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -57,6 +63,11 @@ MIN_ROWS = 16  # query rows of a dot: the GQA group is padded up to this
 # costs ~1.9 µs, about the merge kernel's price, so fewer splits never paid: at batch 1, 160 tokens,
 # split + merge took 5.8 µs with floor 1, 8.3 with 4, 7.2 with one split; at 2,048 tokens 7.9 / 11.9 / 58.
 MIN_TILES_PER_SPLIT = 1
+# Merge the splits in the attention kernel (the last split of a (sequence, KV head) to arrive on an
+# arrival counter merges them) instead of a merge launch. Opt-in (QWEN3CODER_LAST_SPLIT_MERGE=1) until
+# measured on a GPU: `benchmarks/bench_decode_variants.py`'s `attn_last_split_merge` compares the two.
+LAST_SPLIT_MERGE = os.environ.get("QWEN3CODER_LAST_SPLIT_MERGE", "0") == "1"
+MERGE_CHUNK = 4  # splits whose partial outputs the merging program holds at once
 _CPU_SMS = 8  # stand-in SM count off the GPU (Triton's interpreter)
 _LOG2E = 1.4426950408889634
 
@@ -64,11 +75,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["min_tiles"])
     def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, m_ptr,
-                             l_ptr, acc_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
-                             stride_vb, stride_vs, stride_vh, stride_bt, stride_on, stride_oh, num_splits,
-                             num_heads, min_tiles, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                             l_ptr, acc_ptr, counter_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks,
+                             stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_on, stride_oh,
+                             num_splits, num_heads, min_tiles, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-                             SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                             SPLIT: tl.constexpr, MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                             CHUNK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         """One (sequence, KV head, split): online softmax over the split's tiles of the real length.
         Without SPLIT, or when the sequence's length leaves a single split in use, the output is
         written directly; otherwise the partial max (base 2), sum and unnormalised output go to
@@ -131,6 +143,14 @@ if triton is not None:
                 tl.store(m_ptr + row, m_i, mask=g_mask)
                 tl.store(l_ptr + row, l_i, mask=g_mask)
                 tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+                if MERGE:  # the last split of this (sequence, KV head) to arrive merges the group's heads
+                    tl.debug_barrier()  # every thread's partial stores before the one thread's release
+                    count = counter_ptr + seq * tl.num_programs(1) + kvh
+                    arrived = tl.atomic_add(count, 1, sem="acq_rel")
+                    if arrived == used - 1:
+                        tl.atomic_xchg(count, 0)  # ready for the next launch
+                        _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr, seq, heads, g_mask, used, num_splits,
+                                     num_heads, stride_on, stride_oh, GROUP_PAD, HEAD_DIM, SPLITS_PAD, CHUNK)
             else:  # the only split in use: the final output (the merge skips this sequence)
                 out = acc / l_i[:, None]
                 tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
@@ -139,6 +159,36 @@ if triton is not None:
             out = acc / l_i[:, None]
             tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+    @triton.jit
+    def _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr, seq, heads, g_mask, used, num_splits, num_heads, stride_on,
+                     stride_oh, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                     CHUNK: tl.constexpr):
+        """The merge kernel's arithmetic for the heads `heads` ([GROUP_PAD], `g_mask`) of one sequence:
+        weights exp2(m - max m) over the `used` splits; the weighted partial outputs are summed
+        CHUNK splits at a time ([GROUP_PAD, CHUNK, HEAD_DIM] in registers). Loads bypass
+        L1 (`.cg`): other programs wrote the partials."""
+        sp = tl.arange(0, SPLITS_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        base = (seq * num_heads + heads) * num_splits  # [G]
+        ok = g_mask[:, None] & (sp[None, :] < used)
+        m = tl.load(m_ptr + base[:, None] + sp[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(l_ptr + base[:, None] + sp[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        m_max = tl.where(g_mask, tl.max(m, axis=1), 0.0)  # padded rows: 0, not -inf - -inf
+        den = tl.sum(l * tl.where(ok, tl.math.exp2(m - m_max[:, None]), 0.0), axis=1)
+        c = tl.arange(0, CHUNK)
+        num = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+        for s0 in range(0, used, CHUNK):
+            okc = g_mask[:, None] & (s0 + c[None, :] < used)  # [G, C]
+            rows = base[:, None] + s0 + c[None, :]
+            mc = tl.load(m_ptr + rows, mask=okc, other=float("-inf"), cache_modifier=".cg")
+            wc = tl.where(okc, tl.math.exp2(mc - m_max[:, None]), 0.0)
+            accc = tl.load(acc_ptr + rows[:, :, None] * HEAD_DIM + d[None, None, :], mask=okc[:, :, None],
+                           other=0.0, cache_modifier=".cg")  # [G, C, D]
+            num += tl.sum(accc * wc[:, :, None], axis=1)
+        out = num / tl.where(g_mask, den, 1.0)[:, None]
+        tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
     @triton.jit(do_not_specialize=["min_tiles"])
     def _paged_decode_merge_kernel(m_ptr, l_ptr, acc_ptr, seq_lens_ptr, out_ptr, num_splits, num_heads,
@@ -169,6 +219,24 @@ if triton is not None:
         tl.store(out_ptr + seq * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least `n` zeroed int32 counters per device, one per (sequence, KV head); every launch leaves
+    them at 0 again. Grown only outside CUDA-graph capture (graphs are captured largest batch first,
+    after an eager warm-up of the same shapes)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+            "the merge counters must be allocated before CUDA-graph capture (run the step once eagerly)"
+        if counters is not None:
+            _RETIRED.append(counters)  # graphs captured earlier may still use it: never freed
+        counters = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached); a fixed stand-in elsewhere."""
@@ -195,7 +263,8 @@ def splits_used(seq_len: int, num_splits: int, min_tiles: int = MIN_TILES_PER_SP
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int | None = None, num_splits: int | None = None,
-                           min_tiles_per_split: int | None = None) -> torch.Tensor:
+                           min_tiles_per_split: int | None = None, last_split_merge: bool | None = None
+                           ) -> torch.Tensor:
     """Decode attention: q [N, Hq, D] (one token per sequence) -> [N, Hq, D].
 
     Caches are `[blocks, block_size, Hk, D]`; `block_tables` [N, width] int32 (entries past a
@@ -204,7 +273,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     `num_splits` unset it picks the split count (`choose_num_splits`), so the grid depends only on
     (batch size, bound) and the call can be captured in a CUDA graph. `min_tiles_per_split` is the
     floor of 64-token tiles per split (None: `MIN_TILES_PER_SPLIT`; 1: no floor); it is a runtime
-    kernel argument, so changing it compiles nothing."""
+    kernel argument, so changing it compiles nothing. `last_split_merge` (None: `LAST_SPLIT_MERGE`):
+    merge the splits in the attention kernel, no merge launch."""
     assert triton is not None, "triton is not installed"
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -222,23 +292,26 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_splits = max(1, int(num_splits))
     min_tiles = max(1, int(min_tiles_per_split if min_tiles_per_split is not None else MIN_TILES_PER_SPLIT))
     split = num_splits > 1
+    merge_here = split and (LAST_SPLIT_MERGE if last_split_merge is None else bool(last_split_merge))
     if split:
         m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     else:
         m = l = acc = out  # unused
+    counters = _arrival_counters(q.device, num_seqs * num_kv_heads) if merge_here else seq_lens
+    splits_pad = triton.next_power_of_2(max(num_splits, MAX_SPLITS))
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, scale * _LOG2E,
+        q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, counters, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), num_splits, num_heads, min_tiles,
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, IEEE=k_cache.dtype == torch.float32,
-        num_warps=4, **pdl_launch(q.device))
-    if split:
+        BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, MERGE=merge_here, SPLITS_PAD=splits_pad,
+        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=4, **pdl_launch(q.device))
+    if split and not merge_here:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
             m, l, acc, seq_lens, out, num_splits, num_heads, min_tiles, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), TILE_N=TILE,
+            HEAD_DIM=head_dim, SPLITS_PAD=splits_pad, TILE_N=TILE,
             num_warps=4, **pdl_launch(q.device))  # one merge variant for every S (no compiles as lengths grow)
     return out

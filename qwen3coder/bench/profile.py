@@ -3,9 +3,10 @@
 `profile_decode(llm, batch, vocab, steps)` runs `batch` 128-token prompts to the decode phase, records
 `steps` further engine steps with the profiler; `profile_prefill(llm, num_prompts, prompt_len, vocab)`
 records the steps that prefill `num_prompts` prompts (up to their first token). Both sum device time
-(CUDA kernels on a GPU, CPU ops otherwise) per family: attention (with the fused QK-norm/RoPE/KV-store prologue), fused MoE, MoE
-routing, dense GEMMs, norms, sampling, memory copies, other. It also reports the wall time per step, so the gap between kernel time and wall time (host
-overhead, synchronisation) is visible. With programmatic dependent launch a kernel starts before its
+(CUDA kernels on a GPU, CPU ops otherwise) per family: attention (with the fused QK-norm/RoPE/KV-store
+prologue), fused MoE, MoE routing (with the fused post-attention norm + router), dense GEMMs, norms,
+sampling, memory copies, other. It also reports the wall time per step, so the gap between kernel time
+and wall time (host overhead, synchronisation) is visible. With programmatic dependent launch a kernel starts before its
 predecessor ends and its recorded time includes that wait, so `qwen3coder bench --profile` records
 with PDL off (`without_pdl`) and reports the decode graph's replay time both ways.
 """
@@ -24,10 +25,11 @@ from qwen3coder.engine import LLM, SamplingParams
 
 # first match wins; names of Triton kernels, cuBLAS/CUTLASS GEMMs and aten ops
 FAMILIES: list[tuple[str, re.Pattern[str]]] = [
-    ("attention", re.compile(r"paged_decode|paged_prefill|qk_norm_rope|flash|fmha|attention|sdpa|efficient_attention", re.I)),
+    ("attention", re.compile(r"paged_decode|paged_prefill|qk_norm_rope|flash|fmha|attention|sdpa|efficient_attention",
+                             re.I)),
     ("fused_moe", re.compile(r"grouped_gemm|fused_moe|gate_up_swiglu|down_proj_kernel", re.I)),
-    ("moe_routing", re.compile(r"route_align|norm_router|topk|sort|scatter|searchsorted|bincount|cumsum|softmax|radix",
-                               re.I)),
+    ("moe_routing", re.compile(r"route_align|norm_router|topk|sort|scatter|searchsorted|bincount|cumsum"
+                               r"|softmax|radix", re.I)),
     ("norm", re.compile(r"rmsnorm|rsqrt|norm", re.I)),
     ("gemm", re.compile(r"gemm|gemv|matmul|mm|nvjet|cutlass|sm90|xmma|addmm|linear", re.I)),
     ("sampling", re.compile(r"argmax|multinomial|exponential|log_softmax|max_|sampl", re.I)),

@@ -27,32 +27,34 @@ from qwen3coder.models.layers.partials import SplitKPartials
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `linear(x, weight, bias)` may take the skinny kernel: tensor checks (one half-precision
-    dtype for all three, weight unit stride along K) plus `use_skinny`'s shape policy."""
+def _half_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The tensor checks both decode kernels need: one half-precision dtype for x, weight and bias, a
+    2-D weight with unit stride along K."""
     dtype = x.dtype
     if dtype not in _HALF or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
         return False
-    if x.dim() == 0 or weight.dim() != 2 or weight.stride(1) != 1:
+    return x.dim() > 0 and weight.dim() == 2 and weight.stride(1) == 1
+
+
+def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `linear(x, weight, bias)` may take the skinny kernel: `_half_operands` plus `use_skinny`'s
+    shape policy."""
+    if not _half_operands(x, weight, bias):
         return False
     from qwen3coder.kernels.skinny_gemm import use_skinny
 
     k = x.shape[-1]
-    return use_skinny(x.numel() // max(1, k), weight.shape[0], k, dtype, x.device)
+    return use_skinny(x.numel() // max(1, k), weight.shape[0], k, x.dtype, x.device)
 
 
 def gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """The `kernels.gemv` configuration when `linear(x, weight, bias)` (x on the Triton path) should
-    take that kernel — tensor checks as `skinny_eligible`'s, 2-D x, and `gemv.gemv_config`'s shape
-    policy — else None."""
-    dtype = x.dtype
-    if dtype not in _HALF or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
-        return None
-    if x.dim() != 2 or weight.dim() != 2 or weight.stride(1) != 1:
+    take that kernel — `_half_operands`, 2-D x, and `gemv.gemv_config`'s shape policy — else None."""
+    if x.dim() != 2 or not _half_operands(x, weight, bias):
         return None
     from qwen3coder.kernels.gemv import gemv_config as policy
 
-    return policy(x.shape[0], weight.shape[0], x.shape[1], dtype, x.device)
+    return policy(x.shape[0], weight.shape[0], x.shape[1], x.dtype, x.device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,8 +8,8 @@ dependent launch off or wait-first (`kernels.pdl`), the fused post-attention nor
 (`models.layers.moe.FUSED_NORM_ROUTER`, on by default; its router rows per program,
 `kernels.norm_router.ROUTER_TILE`), batch-1 fused-MoE tiles (`kernels.fused_moe._DECODE_TINY`), qkv_proj
 on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV's shapes and tiles
-(`kernels.gemv.TUNED`), decode attention's splits merged by the last to arrive
-(`kernels.paged_attention.LAST_SPLIT_MERGE`); `a+b` runs two variants together. The decode CUDA graphs
+(`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles (`kernels.moe_gemv.TUNED`),
+decode attention's splits merged by the last to arrive (`kernels.paged_attention.LAST_SPLIT_MERGE`); `a+b` runs two variants together. The decode CUDA graphs
 bake such choices in, so they are recaptured per variant; then decode tokens/s at each batch
 (`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run). A variant is only as good as
 its timing noise: run-to-run differences of ~1% were seen on an H200, so the baseline runs first and
@@ -33,6 +33,7 @@ from qwen3coder.config import ModelConfig
 from qwen3coder.engine import LLM
 from qwen3coder.kernels import fused_moe as fm
 from qwen3coder.kernels import gemv as gv
+from qwen3coder.kernels import moe_gemv as mg
 from qwen3coder.kernels import norm_router as nr
 from qwen3coder.kernels import paged_attention as pa
 from qwen3coder.kernels import pdl
@@ -47,6 +48,12 @@ def _qkv_skinny(block_n: int) -> dict:
     for rows in (1, 2, 4, 8, 16):
         table[(rows, 5120, 2048)] = sg.SkinnyConfig(block_n=block_n, split_k=1)
     return table
+
+
+def _moe_gemv(rows: tuple[int, ...], gu_tile: int, gu_warps: int, down_tile: int, down_warps: int) -> dict:
+    """moe_gemv.TUNED listing the 30B-A3B MoE shape (hidden 2048, intermediate 768) for `rows`."""
+    cfg = mg.MoEGemvConfig(gv.GemvConfig(gu_tile, gu_warps), gv.GemvConfig(down_tile, down_warps))
+    return {(r, 2048, 768): cfg for r in rows}
 
 
 def _tiles(gate_up: tuple[int, int, int, int], down: tuple[int, int, int, int]) -> fm.MoETiles:
@@ -74,6 +81,11 @@ VARIANTS: dict[str, Any] = {
     "gemv_oproj_16k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(16384, 4)})],
     "gemv_oproj_bs2": lambda: [(gv, "TUNED", {**gv.TUNED, (2, 2048, 4096): gv.GemvConfig(8192, 4)})],
     "gemv_qkv": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(8192, 4)})],
+    "moe_gemv_off": lambda: [(mg, "TUNED", {})],
+    **{f"moe_gemv_gu{a // 1024}kw{b}_d{c // 1024}kw{d}{'_bs124' if many else ''}":
+       (lambda a=a, b=b, c=c, d=d, many=many: [(mg, "TUNED", _moe_gemv((1, 2, 4) if many else (1,), a, b, c, d))])
+       for a, b, c, d, many in [(16384, 4, 8192, 4, False), (32768, 8, 16384, 8, False), (8192, 4, 4096, 4, False),
+                                (16384, 8, 8192, 4, False), (16384, 4, 8192, 4, True)]},
 }
 
 

@@ -135,6 +135,7 @@ class CudaModelRunner(ModelRunner):
     _STATIC_INPUTS = ("g_input_ids", "g_positions", "g_slot_mapping", "g_block_tables", "g_seq_lens",
                       "g_query_start_loc", "g_state_indices")
 
+    @torch.inference_mode()  # the static inputs are inference tensors: written in place only in it
     def recapture_graphs(self) -> None:
         """Capture the decode graphs again, e.g. after switching a launch setting that graphs bake in
         (programmatic dependent launch, the skinny-GEMM switch); no-op when the runner has none. The

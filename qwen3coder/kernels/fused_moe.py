@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen3coder.kernels.moe_gemv import moe_gemv, moe_gemv_config
 from qwen3coder.kernels.pdl import pdl_launch
 
 try:
@@ -202,12 +203,16 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
 
     `sorted_ids` / `block_expert` (int32 or int64), when given, are `moe_align(topk_ids, E, block_m)`
     computed beforehand (e.g. by `route_align`); otherwise they are computed here. `tiles`: the
-    kernels' launch configuration (default `moe_tiles(pairs)`). `reduce=False` returns the weighted
-    per-expert partials [N, K, H] (w_k · SwiGLU_{id_k}(x), in x's dtype) instead of their sum, for
-    `kernels.rmsnorm.fused_add_rmsnorm` to sum as it adds the residual.
+    kernels' launch configuration (default `moe_tiles(pairs)`). Without `tiles`, the row counts that
+    `kernels.moe_gemv.TUNED` lists take that module's two GEMVs (no alignment needed). `reduce=False`
+    returns the weighted per-expert partials [N, K, H] (w_k · SwiGLU_{id_k}(x), in x's dtype) instead
+    of their sum, for `kernels.rmsnorm.fused_add_rmsnorm` to sum as it adds the residual.
     """
     assert triton is not None, "triton is not installed"
     n, k = topk_ids.shape
+    gemv_cfg = moe_gemv_config(n, x, gate_up_proj) if tiles is None else None
+    if gemv_cfg is not None:  # decode rows listed in moe_gemv.TUNED: two register-tile GEMVs instead
+        return moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids, gemv_cfg, reduce=reduce)
     num_experts, two_i, _ = gate_up_proj.shape
     x = x.contiguous()
     if sorted_ids is None or block_expert is None:

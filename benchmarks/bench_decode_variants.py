@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import time
 import traceback
 from collections.abc import Iterator
@@ -82,16 +83,30 @@ VARIANTS: dict[str, Any] = {
     "gemv_oproj_bs2": lambda: [(gv, "TUNED", {**gv.TUNED, (2, 2048, 4096): gv.GemvConfig(8192, 4)})],
     "gemv_qkv": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(8192, 4)})],
     "moe_gemv_off": lambda: [(mg, "TUNED", {})],
-    **{f"moe_gemv_gu{a // 1024}kw{b}_d{c // 1024}kw{d}{'_bs124' if many else ''}":
-       (lambda a=a, b=b, c=c, d=d, many=many: [(mg, "TUNED", _moe_gemv((1, 2, 4) if many else (1,), a, b, c, d))])
-       for a, b, c, d, many in [(16384, 4, 8192, 4, False), (32768, 8, 16384, 8, False), (8192, 4, 4096, 4, False),
-                                (16384, 8, 8192, 4, False), (16384, 4, 8192, 4, True)]},
 }
+
+
+# moe_gemv_gu<A>kw<B>_d<C>kw<D>[_bs<rows>]: moe_gemv.TUNED with gate/up tiles of A K elements and B warps,
+# down tiles of C K elements and D warps, for the listed rows (digits; default 1), e.g. moe_gemv_gu8kw4_d4kw4_bs12
+_MOE_GEMV = re.compile(r"moe_gemv_gu(\d+)kw(\d+)_d(\d+)kw(\d+)(?:_bs(\d+))?$")
+
+
+def _known(part: str) -> bool:
+    return part in VARIANTS or _MOE_GEMV.match(part) is not None
+
+
+def _part(part: str) -> list[tuple[Any, str, Any]]:
+    m = _MOE_GEMV.match(part)
+    if m is None:
+        return VARIANTS[part]()
+    a, b, c, d = (int(g) for g in m.groups()[:4])
+    rows = tuple(int(r) for r in (m.group(5) or "1"))
+    return [(mg, "TUNED", _moe_gemv(rows, a * 1024, b, c * 1024, d))]
 
 
 def patches_of(name: str) -> list[tuple[Any, str, Any]]:
     """A variant's patches; `a+b` combines variants (a later one wins where both set an attribute)."""
-    return [p for part in name.split("+") for p in VARIANTS[part]()]
+    return [p for part in name.split("+") for p in _part(part)]
 
 
 @contextlib.contextmanager
@@ -118,7 +133,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    unknown = [n for n in names if any(part not in VARIANTS for part in n.split("+"))]
+    unknown = [n for n in names if not all(_known(part) for part in n.split("+"))]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if names[0] != "baseline":

@@ -149,7 +149,7 @@ def test_gpu_30b_shape(n, tiles):
     x, w13, w2, wts, ids = _case(n, E30, H30, I30, K30, torch.bfloat16, seed=n)
     got = mg.moe_gemv(x, w13, w2, wts, ids, tiles, reduce=False)
     _close(got, mg.moe_gemv_reference(x, w13, w2, wts, ids))
-    grouped = fused_moe(x, w13, w2, wts, ids, tiles=MoETiles(), reduce=False)
+    grouped = fused_moe(x, w13, w2, wts, ids.long(), tiles=MoETiles(), reduce=False)
     _close(got, grouped, ulps=4)
 
 

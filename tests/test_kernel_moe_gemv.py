@@ -184,3 +184,8 @@ def test_gpu_graph_replay_behind_the_routing_kernel():
                 assert torch.equal(out, step())
         finally:
             pdl.set_pdl_enabled(True)
+
+
+def test_default_table_lists_the_30b_moe_at_batch_1_and_2():
+    assert set(mg.TUNED) == {(1, 2048, 768), (2, 2048, 768)}
+    assert all(rows <= mg.MAX_ROWS for rows, _, _ in mg.TUNED)

@@ -25,8 +25,9 @@ is read once (at batch > 1 an expert shared by two tokens is read twice, from L2
 Numerics: as the grouped GEMMs' (fp32 products and sums, SwiGLU in fp32, one rounding to act's dtype;
 down: fp32 dot times the routing weight, one rounding), in another summation order. The plain-PyTorch
 reference is `qwen3coder.models.layers.moe.moe_forward_reference`; `moe_gemv_reference` below does the
-same arithmetic in torch for tests. `TUNED` lists the row counts measured faster than the grouped
-GEMMs (`benchmarks/bench_decode_variants.py`); `QWEN3CODER_MOE_GEMV=0` turns the path off.
+same arithmetic in torch for tests. `TUNED` lists the shapes and row counts measured faster than the
+grouped GEMMs (`benchmarks/bench_decode_variants.py`): at the 30B-A3B MoE shape, batch 1 (~357 -> ~376
+tok/s on an H200) and batch 2 (~514 -> ~535-553). `QWEN3CODER_MOE_GEMV=0` turns the path off.
 """
 
 from __future__ import annotations
@@ -63,8 +64,17 @@ class MoEGemvConfig:
 
 
 # (token rows, hidden, intermediate) -> configuration, for the shapes measured faster here than on the
-# grouped GEMMs. Empty: not yet measured faster (see the module docstring); tests and benchmarks set theirs.
-TUNED: dict[tuple[int, int, int], MoEGemvConfig] = {}
+# grouped GEMMs (tests and benchmarks set their own). H200, 30B-A3B decode graphs, dummy weights
+# (`benchmarks/bench_decode_variants.py`, benchmarks/results/decode_variants_30b-a3b-20261130T0954*.json):
+#   batch 1: one gate + one up row per program (2 warps), 4 down rows (4 warps): 375.9-377.7 tok/s in
+#            three runs vs 352.6-358.0 for the grouped GEMMs; 2-row gate/up programs were even (361-364),
+#            2-row down programs slower (337), 8 warps on 16-row gate/up slower (326)
+#   batch 2: 2 gate + 2 up rows, 8 down rows (4 warps each): 535 / 553 vs 500-517
+#   batch 4: no tile faster (701-748 vs 746-748), so not listed
+TUNED: dict[tuple[int, int, int], MoEGemvConfig] = {
+    (1, 2048, 768): MoEGemvConfig(GemvConfig(4096, 2), GemvConfig(4096, 4)),
+    (2, 2048, 768): MoEGemvConfig(GemvConfig(8192, 4), GemvConfig(8192, 4)),
+}
 
 
 def set_moe_gemv_enabled(enabled: bool) -> None:

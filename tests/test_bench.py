@@ -44,6 +44,8 @@ def test_kernel_families():
     assert family_of("_fused_route_align_kernel") == "moe_routing"
     assert family_of("_norm_router_route_kernel") == "moe_routing"  # norm + router GEMV + routing
     assert family_of("_gemv_kernel") == "gemm"
+    assert family_of("_moe_gate_up_gemv_kernel") == family_of("_moe_down_gemv_kernel") == "fused_moe"
+    assert family_of("_gate_up_gemv_kernel") == family_of("_down_gemv_kernel") == "fused_moe"  # older names
     for name in ("_route_align_topk_kernel", "_route_align_scan_kernel", "_route_align_scatter_kernel"):
         assert family_of(name) == "moe_routing"
     assert family_of("nvjet_tst_128x64_64x4_1x1_v_bz_coopA_NTN") == "gemm"

@@ -27,7 +27,8 @@ from qwen3coder.engine import LLM, SamplingParams
 FAMILIES: list[tuple[str, re.Pattern[str]]] = [
     ("attention", re.compile(r"paged_decode|paged_prefill|qk_norm_rope|flash|fmha|attention|sdpa|efficient_attention",
                              re.I)),
-    ("fused_moe", re.compile(r"grouped_gemm|fused_moe|gate_up_swiglu|down_proj_kernel", re.I)),
+    ("fused_moe", re.compile(r"grouped_gemm|fused_moe|gate_up_swiglu|down_proj_kernel|moe_\w*gemv|gate_up_gemv"
+                             r"|down_gemv", re.I)),  # gate_up_gemv, down_gemv: names in c77eb65 results
     ("moe_routing", re.compile(r"route_align|norm_router|topk|sort|scatter|searchsorted|bincount|cumsum"
                                r"|softmax|radix", re.I)),
     ("norm", re.compile(r"rmsnorm|rsqrt|norm", re.I)),

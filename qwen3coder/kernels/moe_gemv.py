@@ -5,11 +5,11 @@ almost no arithmetic, so what counts is how soon those reads start. The grouped 
 `kernels.fused_moe` start them after their programmatic-dependent-launch wait (`kernels.pdl`), each
 kernel with its own ramp-up. Here, for 1..MAX_ROWS tokens:
 
-* `_gate_up_gemv_kernel`, grid (pairs, cdiv(I, BLOCK_N)): program (p, j) reads expert `topk_ids[p]`'s
+* `_moe_gate_up_gemv_kernel`, grid (pairs, cdiv(I, BLOCK_N)): program (p, j) reads expert `topk_ids[p]`'s
   gate and up rows [j*BLOCK_N, (j+1)*BLOCK_N) over the whole hidden size into registers, the token's
   row of x, and writes `silu(x.gate) * (x.up)` (fp32 dots, one rounding) to `act[p]`. It *waits
   first*, then lets the next grid launch: the routing it reads is its predecessor's output.
-* `_down_gemv_kernel`, grid (pairs, cdiv(H, BLOCK_N)): program (p, j) reads `topk_ids[p]` and its
+* `_moe_down_gemv_kernel`, grid (pairs, cdiv(H, BLOCK_N)): program (p, j) reads `topk_ids[p]` and its
   expert's down rows [j*BLOCK_N, (j+1)*BLOCK_N) over the whole intermediate size *before* its own wait.
   That is safe because it launches only once every gate/up program has passed its wait, i.e. once
   the routing kernel has completed (the routing is read with `.cg`, from L2). Its resident programs
@@ -112,7 +112,7 @@ def moe_gemv_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
 if triton is not None:
 
     @triton.jit
-    def _gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, hidden, stride_xm, stride_we, stride_wn,
+    def _moe_gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, hidden, stride_xm, stride_we, stride_wn,
                              stride_am, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                              PDL: tl.constexpr):
         """act[p, j] = silu(x[p // TOP_K] . W13[e, j]) * (x[p // TOP_K] . W13[e, inter + j]), e = ids[p]."""
@@ -134,7 +134,7 @@ if triton is not None:
         tl.store(act_ptr + pair * stride_am + rows, act.to(act_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
-    def _down_gemv_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, hidden, inter, stride_am, stride_we,
+    def _moe_down_gemv_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, hidden, inter, stride_am, stride_we,
                           stride_wn, stride_om, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """out[p, n] = wts[p] * (act[p] . W2[ids[p], n]); the weights are loaded before the PDL wait."""
         pair = tl.program_id(0)
@@ -176,13 +176,13 @@ def moe_gemv(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
     launch = pdl_launch(x.device)
     first = {**launch, "PDL": 1} if launch["PDL"] else launch  # wait first: see the module docstring
     bn = _block_n(cfg.gate_up.w_tile, hidden, 2)
-    _gate_up_gemv_kernel[(pairs, triton.cdiv(inter, bn))](
+    _moe_gate_up_gemv_kernel[(pairs, triton.cdiv(inter, bn))](
         x, gate_up_proj, ids, act, inter, hidden, x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1),
         act.stride(0), TOP_K=k, BLOCK_K=triton.next_power_of_2(hidden), BLOCK_N=bn,
         num_warps=cfg.gate_up.num_warps, **first)
     out = torch.empty(n, k, hidden, dtype=x.dtype, device=x.device)
     bn = _block_n(cfg.down.w_tile, inter)
-    _down_gemv_kernel[(pairs, triton.cdiv(hidden, bn))](
+    _moe_down_gemv_kernel[(pairs, triton.cdiv(hidden, bn))](
         act, down_proj, ids, wts, out, hidden, inter, act.stride(0),
         down_proj.stride(0), down_proj.stride(1), hidden, BLOCK_K=triton.next_power_of_2(inter), BLOCK_N=bn,
         num_warps=cfg.down.num_warps, **launch)

@@ -26,7 +26,7 @@ Design (flash-decoding with a split count fixed on the host, token ranges chosen
   return at once (their output is already written). Both kernels compute per_split/used from the
   same (seq_len, S, min_tiles), so they agree on which path each sequence takes. The direct write
   equals what the merge would give for one partial (its weight is exp2(0) = 1): same bits.
-* Opt-in (`LAST_SPLIT_MERGE`, `QWEN3CODER_LAST_SPLIT_MERGE=1`; not yet measured on a GPU): no merge
+* Opt-in (`LAST_SPLIT_MERGE`, `QWEN3CODER_LAST_SPLIT_MERGE=1`; measured slower, see below): no merge
   launch. A split program that wrote partials counts itself on its (sequence, KV head)'s arrival
   counter (a CTA barrier, then an acquire-release atomic); the last of the `used` splits to arrive
   resets the counter and merges the group's heads with the merge kernel's arithmetic, `CHUNK` splits
@@ -64,8 +64,10 @@ MIN_ROWS = 16  # query rows of a dot: the GQA group is padded up to this
 # split + merge took 5.8 µs with floor 1, 8.3 with 4, 7.2 with one split; at 2,048 tokens 7.9 / 11.9 / 58.
 MIN_TILES_PER_SPLIT = 1
 # Merge the splits in the attention kernel (the last split of a (sequence, KV head) to arrive on an
-# arrival counter merges them) instead of a merge launch. Opt-in (QWEN3CODER_LAST_SPLIT_MERGE=1) until
-# measured on a GPU: `benchmarks/bench_decode_variants.py`'s `attn_last_split_merge` compares the two.
+# arrival counter merges them) instead of a merge launch. Opt-in (QWEN3CODER_LAST_SPLIT_MERGE=1): on an
+# H200 at 30B-A3B decode it was slower at batch 1 (340-344 vs 355-359 tok/s) and even at 2/4/16
+# (`attn_last_split_merge` of benchmarks/bench_decode_variants.py, decode_variants_30b-a3b-20261130T094324.json):
+# the atomics and L2 reads of the last split cost more than a merge launch that PDL overlaps.
 LAST_SPLIT_MERGE = os.environ.get("QWEN3CODER_LAST_SPLIT_MERGE", "0") == "1"
 MERGE_CHUNK = 4  # splits whose partial outputs the merging program holds at once
 _CPU_SMS = 8  # stand-in SM count off the GPU (Triton's interpreter)

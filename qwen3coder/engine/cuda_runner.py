@@ -135,7 +135,16 @@ class CudaModelRunner(ModelRunner):
     _STATIC_INPUTS = ("g_input_ids", "g_positions", "g_slot_mapping", "g_block_tables", "g_seq_lens",
                       "g_query_start_loc", "g_state_indices")
 
+    def graph_inputs(self) -> dict[str, torch.Tensor]:
+        """A copy of the decode graphs' static inputs (what a replay now would compute on)."""
+        return {name: getattr(self, name).clone() for name in self._STATIC_INPUTS}
+
     @torch.inference_mode()  # the static inputs are inference tensors: written in place only in it
+    def set_graph_inputs(self, saved: dict[str, torch.Tensor]) -> None:
+        """Put back static inputs saved by `graph_inputs` (benchmarks replay a step's graph later)."""
+        for name, value in saved.items():
+            getattr(self, name).copy_(value)
+
     def recapture_graphs(self) -> None:
         """Capture the decode graphs again, e.g. after switching a launch setting that graphs bake in
         (programmatic dependent launch, the skinny-GEMM switch); no-op when the runner has none. The
@@ -143,13 +152,12 @@ class CudaModelRunner(ModelRunner):
         runs the same step as one right before (`bench.profile.graph_replay_ms` relies on it)."""
         if not self.graphs:
             return
-        saved = {name: getattr(self, name).clone() for name in self._STATIC_INPUTS}
+        saved = self.graph_inputs()
         self.graphs.clear()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         self.capture_graphs()
-        for name, value in saved.items():
-            getattr(self, name).copy_(value)
+        self.set_graph_inputs(saved)
 
     def _graph_context(self, bs: int) -> ForwardContext:
         max_len = self.config.scheduler.max_model_len

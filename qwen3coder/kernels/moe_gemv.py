@@ -153,10 +153,6 @@ if triton is not None:
         tl.store(out_ptr + pair * stride_om + rows, (acc * rw).to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _block_n(w_tile: int, k: int, copies: int = 1) -> int:
-    return max(1, w_tile // (copies * triton.next_power_of_2(k)))
-
-
 def moe_gemv(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, topk_weights: torch.Tensor,
              topk_ids: torch.Tensor, config: MoEGemvConfig | None = None, reduce: bool = True) -> torch.Tensor:
     """Σ_k w_k · SwiGLU_{id_k}(x) for x [N, H], 1 <= N <= MAX_ROWS (weights as in `Experts`); `reduce=False`
@@ -175,13 +171,13 @@ def moe_gemv(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     launch = pdl_launch(x.device)
     first = {**launch, "PDL": 1} if launch["PDL"] else launch  # wait first: see the module docstring
-    bn = _block_n(cfg.gate_up.w_tile, hidden, 2)
+    bn = max(1, cfg.gate_up.block_n(hidden) // 2)  # gate and up rows share the tile
     _moe_gate_up_gemv_kernel[(pairs, triton.cdiv(inter, bn))](
         x, gate_up_proj, ids, act, inter, hidden, x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1),
         act.stride(0), TOP_K=k, BLOCK_K=triton.next_power_of_2(hidden), BLOCK_N=bn,
         num_warps=cfg.gate_up.num_warps, **first)
     out = torch.empty(n, k, hidden, dtype=x.dtype, device=x.device)
-    bn = _block_n(cfg.down.w_tile, inter)
+    bn = cfg.down.block_n(inter)
     _moe_down_gemv_kernel[(pairs, triton.cdiv(hidden, bn))](
         act, down_proj, ids, wts, out, hidden, inter, act.stride(0),
         down_proj.stride(0), down_proj.stride(1), hidden, BLOCK_K=triton.next_power_of_2(inter), BLOCK_N=bn,

@@ -65,12 +65,13 @@ class MoEGemvConfig:
 
 # (token rows, hidden, intermediate) -> configuration, for the shapes measured faster here than on the
 # grouped GEMMs (tests and benchmarks set their own). H200, 30B-A3B decode graphs, dummy weights
-# (`benchmarks/bench_decode_variants.py`, benchmarks/results/decode_variants_30b-a3b-20261130T0954*.json):
+# (`benchmarks/bench_decode_variants.py`,
+# benchmarks/results/decode_variants_30b-a3b-20261130T0951*-T1016*.json):
 #   batch 1: one gate + one up row per program (2 warps), 4 down rows (4 warps): 375.9-377.7 tok/s in
-#            three runs vs 352.6-358.0 for the grouped GEMMs; 2-row gate/up programs were even (361-364),
+#            three runs vs 340.5-358.0 for the grouped GEMMs; 2-row gate/up programs were even (361-364),
 #            2-row down programs slower (337), 8 warps on 16-row gate/up slower (326)
 #   batch 2: 2 gate + 2 up rows, 8 down rows (4 warps each): 535 / 553 vs 500-517
-#   batch 4: no tile faster (701-748 vs 746-748), so not listed
+#   batch 4: no tile faster (690-748 vs 746-756), so not listed
 TUNED: dict[tuple[int, int, int], MoEGemvConfig] = {
     (1, 2048, 768): MoEGemvConfig(GemvConfig(4096, 2), GemvConfig(4096, 4)),
     (2, 2048, 768): MoEGemvConfig(GemvConfig(8192, 4), GemvConfig(8192, 4)),
@@ -112,9 +113,9 @@ def moe_gemv_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
 if triton is not None:
 
     @triton.jit
-    def _moe_gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, hidden, stride_xm, stride_we, stride_wn,
-                             stride_am, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PDL: tl.constexpr):
+    def _moe_gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, inter, hidden, stride_xm, stride_we,
+                                 stride_wn, stride_am, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """act[p, j] = silu(x[p // TOP_K] . W13[e, j]) * (x[p // TOP_K] . W13[e, inter + j]), e = ids[p]."""
         pdl_prologue(PDL)  # PDL 1 (wait first): the down kernel may read the routing before its wait
         pair = tl.program_id(0)
@@ -135,7 +136,8 @@ if triton is not None:
 
     @triton.jit
     def _moe_down_gemv_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, hidden, inter, stride_am, stride_we,
-                          stride_wn, stride_om, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                              stride_wn, stride_om, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                              PDL: tl.constexpr):
         """out[p, n] = wts[p] * (act[p] . W2[ids[p], n]); the weights are loaded before the PDL wait."""
         pair = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -180,6 +182,6 @@ def moe_gemv(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
     bn = cfg.down.block_n(inter)
     _moe_down_gemv_kernel[(pairs, triton.cdiv(hidden, bn))](
         act, down_proj, ids, wts, out, hidden, inter, act.stride(0),
-        down_proj.stride(0), down_proj.stride(1), hidden, BLOCK_K=triton.next_power_of_2(inter), BLOCK_N=bn,
+        down_proj.stride(0), down_proj.stride(1), out.stride(1), BLOCK_K=triton.next_power_of_2(inter), BLOCK_N=bn,
         num_warps=cfg.down.num_warps, **launch)
     return out.sum(dim=1) if reduce else out

@@ -90,6 +90,50 @@ def test_several_programs_and_repeat_launches(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_without_alignment_same_routing(n):
+    """`align=False` (the MoE GEMVs' routing): the same outputs, no alignment buffers."""
+    x, residual, norm_w, router_w = _case(n, 256, 40, 0, None, torch.bfloat16, seed=11 + n)
+    full = nr.fused_norm_router_route(x, residual, norm_w, 1e-6, False, router_w, 4, True, 16)
+    bare = nr.fused_norm_router_route(x, residual, norm_w, 1e-6, False, router_w, 4, True, 16, align=False)
+    for a, b in zip(full[:3] + full[3][:2], bare[:3] + bare[3][:2]):
+        assert torch.equal(a, b)
+    assert bare[3].sorted_ids is None and bare[3].block_expert is None
+    assert nr._arrival_counter(residual.device).item() == 0
+
+
+def test_block_skips_alignment_for_moe_gemv(monkeypatch):
+    """Rows that the MoE GEMVs take: `forward_with_norm` asks the fused launch for no alignment, with
+    the same result as with it (bf16, the interpreter on the CPU)."""
+    from qwen3coder.kernels import moe_gemv as mg
+    from qwen3coder.kernels.gemv import GemvConfig
+    from qwen3coder.models.layers import moe as moe_mod
+    from qwen3coder.models.layers.norms import RMSNorm
+
+    torch.manual_seed(2)
+    block = moe_mod.SparseMoeBlock(64, 16, 4, 32, True).to(DEV, torch.bfloat16)
+    for prm in block.parameters():
+        torch.nn.init.normal_(prm, std=0.2)
+    block.fold_topk_sum = True
+    norm = RMSNorm(64).to(DEV, torch.bfloat16)
+    hidden = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
+    residual = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
+    monkeypatch.setattr(mg, "TUNED", {(1, 64, 32): mg.MoEGemvConfig(GemvConfig(1024, 4), GemvConfig(1024, 4))})
+    monkeypatch.setattr(moe_mod, "use_triton", lambda t: True)
+    monkeypatch.setattr(moe_mod, "FUSED_NORM_ROUTER", True)
+    aligns = []
+    real = nr.fused_norm_router_route
+    monkeypatch.setattr(nr, "fused_norm_router_route", lambda *a, **k: aligns.append(k["align"]) or real(*a, **k))
+    outs = []
+    with torch.no_grad():
+        for skip in (True, False):
+            monkeypatch.setattr(moe_mod, "SKIP_ALIGN_FOR_GEMV", skip)
+            out, res = block.forward_with_norm(hidden, residual, norm)
+            outs.append((out.partials, res))
+    assert aligns == [False, True]
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_fits():
     assert nr.norm_router_fits(1, 2048, 128, 8) and nr.norm_router_fits(16, 2048, 128, 8)
     assert not nr.norm_router_fits(17, 2048, 128, 8)  # prefill-sized: the unfused kernels

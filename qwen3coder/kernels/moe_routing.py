@@ -84,8 +84,9 @@ class RoutedPairs(NamedTuple):
 
     topk_weights: torch.Tensor  # [N, k] out_dtype, descending
     topk_ids: torch.Tensor  # [N, k] int32
-    sorted_ids: torch.Tensor  # [P] int32: pair indices n*k + j grouped by expert, sentinel N*k
-    block_expert: torch.Tensor  # [P / block_m] int32: the expert of each block, -1 past the end
+    # None for both where the routing skipped the alignment (`kernels.norm_router`, for the MoE GEMVs)
+    sorted_ids: torch.Tensor | None  # [P] int32: pair indices n*k + j grouped by expert, sentinel N*k
+    block_expert: torch.Tensor | None  # [P / block_m] int32: the expert of each block, -1 past the end
 
 
 if triton is not None:
@@ -139,45 +140,47 @@ if triton is not None:
         pdl_prologue(PDL)
         route_align_rows(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, num_tokens,
                          num_experts, stride_lm, num_slots, num_blocks, TOP_K, NORM, BLOCK_M, N_PAD, E_PAD, K_PAD,
-                         RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD)
+                         RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD, True)
 
     @triton.jit
     def route_align_rows(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, num_tokens,
                          num_experts, stride_lm, num_slots, num_blocks, TOP_K: tl.constexpr, NORM: tl.constexpr,
                          BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-                         RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr, BLOCKS_PAD: tl.constexpr):
-        """The body of `_fused_route_align_kernel` (also run by `kernels.norm_router`'s last program)."""
+                         RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr, BLOCKS_PAD: tl.constexpr,
+                         ALIGN: tl.constexpr):
+        """The body of `_fused_route_align_kernel` (also run by `kernels.norm_router`'s last program);
+        without ALIGN only the routing (weights, ids), not the expert-sorted layout."""
         rows = tl.arange(0, N_PAD)
         cols = tl.arange(0, E_PAD)
         row_ok = rows < num_tokens
         slot = _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
                                    TOP_K, NORM, N_PAD, E_PAD, K_PAD)
 
-        # alignment: runs of BLOCK_M-padded slots per expert, in expert order
-        num_pairs = num_tokens * TOP_K
-        chosen = (slot >= 0) & row_ok[:, None]
-        chosen_i = chosen.to(tl.int32)
-        counts = tl.sum(chosen_i, axis=0)  # [E_PAD]
-        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        run_start = tl.cumsum(padded, axis=0) - padded
-        rank = tl.cumsum(chosen_i, axis=0) - chosen_i  # earlier tokens on the same expert
-        tl.store(sorted_ids_ptr + run_start[None, :] + rank, rows[:, None] * TOP_K + slot, mask=chosen)
-        fill = tl.arange(0, BLOCK_M)
-        pad_pos = counts[:, None] + fill[None, :]  # a run's padding: counts .. padded - 1
-        tl.store(sorted_ids_ptr + run_start[:, None] + pad_pos,
-                 tl.zeros((E_PAD, BLOCK_M), tl.int32) + num_pairs, mask=pad_pos < padded[:, None])
-        used = tl.sum(padded, axis=0)
-        tail = tl.arange(0, SLOTS_PAD)
-        tl.store(sorted_ids_ptr + tail, tl.zeros((SLOTS_PAD,), tl.int32) + num_pairs,
-                 mask=(tail >= used) & (tail < num_slots))
+        if ALIGN:  # the expert-sorted layout: runs of BLOCK_M-padded slots per expert, in expert order
+            num_pairs = num_tokens * TOP_K
+            chosen = (slot >= 0) & row_ok[:, None]
+            chosen_i = chosen.to(tl.int32)
+            counts = tl.sum(chosen_i, axis=0)  # [E_PAD]
+            padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+            run_start = tl.cumsum(padded, axis=0) - padded
+            rank = tl.cumsum(chosen_i, axis=0) - chosen_i  # earlier tokens on the same expert
+            tl.store(sorted_ids_ptr + run_start[None, :] + rank, rows[:, None] * TOP_K + slot, mask=chosen)
+            fill = tl.arange(0, BLOCK_M)
+            pad_pos = counts[:, None] + fill[None, :]  # a run's padding: counts .. padded - 1
+            tl.store(sorted_ids_ptr + run_start[:, None] + pad_pos,
+                     tl.zeros((E_PAD, BLOCK_M), tl.int32) + num_pairs, mask=pad_pos < padded[:, None])
+            used = tl.sum(padded, axis=0)
+            tail = tl.arange(0, SLOTS_PAD)
+            tl.store(sorted_ids_ptr + tail, tl.zeros((SLOTS_PAD,), tl.int32) + num_pairs,
+                     mask=(tail >= used) & (tail < num_slots))
 
-        run_blocks = tl.arange(0, RUN_BLOCKS)
-        tl.store(block_expert_ptr + (run_start // BLOCK_M)[:, None] + run_blocks[None, :],
-                 cols[:, None] + tl.zeros((E_PAD, RUN_BLOCKS), tl.int32),
-                 mask=run_blocks[None, :] < (padded // BLOCK_M)[:, None])
-        blocks = tl.arange(0, BLOCKS_PAD)
-        tl.store(block_expert_ptr + blocks, tl.full((BLOCKS_PAD,), -1, tl.int32),
-                 mask=(blocks >= used // BLOCK_M) & (blocks < num_blocks))
+            run_blocks = tl.arange(0, RUN_BLOCKS)
+            tl.store(block_expert_ptr + (run_start // BLOCK_M)[:, None] + run_blocks[None, :],
+                     cols[:, None] + tl.zeros((E_PAD, RUN_BLOCKS), tl.int32),
+                     mask=run_blocks[None, :] < (padded // BLOCK_M)[:, None])
+            blocks = tl.arange(0, BLOCKS_PAD)
+            tl.store(block_expert_ptr + blocks, tl.full((BLOCKS_PAD,), -1, tl.int32),
+                     mask=(blocks >= used // BLOCK_M) & (blocks < num_blocks))
 
 
 def fused_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, block_m: int,
@@ -199,14 +202,19 @@ def fused_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
 
 
 def route_align_buffers(n: int, num_experts: int, top_k: int, norm_topk_prob: bool, block_m: int,
-                        out_dtype: torch.dtype, device: torch.device) -> tuple[RoutedPairs, dict]:
-    """The outputs of one-program routing (uninitialised) and the keyword arguments of `route_align_rows`
-    after (logits, outputs, num_tokens, num_experts, stride): shared with `kernels.norm_router`."""
+                        out_dtype: torch.dtype, device: torch.device, align: bool = True
+                        ) -> tuple[RoutedPairs, dict]:
+    """The outputs of one-program routing (uninitialised; without `align` no alignment buffers, None in
+    the tuple) and the keyword arguments of `route_align_rows` after (logits, weights, ids, sorted_ids,
+    block_expert, num_tokens, num_experts, stride): shared with `kernels.norm_router`."""
     slots = moe_align_length(n * top_k, num_experts, block_m)
-    routed = RoutedPairs(torch.empty(n, top_k, dtype=out_dtype, device=device),
-                         torch.empty(n, top_k, dtype=torch.int32, device=device),
-                         torch.empty(slots, dtype=torch.int32, device=device),
-                         torch.empty(slots // block_m, dtype=torch.int32, device=device))
+    weights = torch.empty(n, top_k, dtype=out_dtype, device=device)
+    ids = torch.empty(n, top_k, dtype=torch.int32, device=device)
+    if align:
+        routed = RoutedPairs(weights, ids, torch.empty(slots, dtype=torch.int32, device=device),
+                             torch.empty(slots // block_m, dtype=torch.int32, device=device))
+    else:
+        routed = RoutedPairs(weights, ids, None, None)
     launch = dict(num_slots=slots, num_blocks=slots // block_m, TOP_K=top_k, NORM=bool(norm_topk_prob),
                   BLOCK_M=block_m, N_PAD=_pow2(n), E_PAD=_pow2(num_experts), K_PAD=_pow2(top_k),
                   RUN_BLOCKS=_pow2(-(-n // block_m)), SLOTS_PAD=_pow2(slots), BLOCKS_PAD=_pow2(slots // block_m))

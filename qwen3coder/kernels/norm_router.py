@@ -84,7 +84,7 @@ if triton is not None:
                                   TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
                                   N_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                                   RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                                  BLOCKS_PAD: tl.constexpr, PDL: tl.constexpr):
+                                  BLOCKS_PAD: tl.constexpr, ALIGN: tl.constexpr, PDL: tl.constexpr):
         """Program (p, row): router rows [p*BLOCK_E, (p+1)*BLOCK_E) for one token row; see the module docstring."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -109,17 +109,20 @@ if triton is not None:
         if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:  # the last: every program's logits are stored
             route_align_rows(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, num_tokens,
                              num_experts, num_experts, num_slots, num_blocks, TOP_K, NORM, BLOCK_M, N_PAD,
-                             E_PAD, K_PAD, RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD)
+                             E_PAD, K_PAD, RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD, ALIGN)
             tl.store(counter_ptr, 0)
 
 
 def fused_norm_router_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             zero_centered: bool, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool,
-                            block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RoutedPairs]:
+                            block_m: int, align: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RoutedPairs]:
     """(normed [N, H], new residual [N, H], router_logits [N, E], routing) in one launch, for
     `x` [N, H] or unsummed partials [N, K, H] (as `fused_add_rmsnorm` takes them) plus `residual`
     [N, H], the norm's weight, and the router weight [E, H]; `norm_router_fits` must hold. The
-    routing is that of `route_align(router_logits, top_k, norm_topk_prob, block_m, residual.dtype)`."""
+    routing is that of `route_align(router_logits, top_k, norm_topk_prob, block_m, residual.dtype)`;
+    without `align` only its weights and ids (sorted_ids and block_expert None: the MoE GEMVs of
+    `kernels.moe_gemv` do not read them, so the last program skips that work)."""
     assert triton is not None, "triton is not installed"
     n, hidden = residual.shape
     num_experts = router_weight.shape[0]
@@ -138,12 +141,15 @@ def fused_norm_router_route(x: torch.Tensor, residual: torch.Tensor, norm_weight
     out = torch.empty_like(residual)
     res_out = torch.empty_like(residual)
     logits = torch.empty(n, num_experts, dtype=residual.dtype, device=dev)
-    routed, launch = route_align_buffers(n, num_experts, top_k, norm_topk_prob, block_m, residual.dtype, dev)
+    routed, launch = route_align_buffers(n, num_experts, top_k, norm_topk_prob, block_m, residual.dtype, dev,
+                                         align)
+    aligned = (routed.sorted_ids, routed.block_expert) if align else (routed.topk_ids, routed.topk_ids)
     block = triton.next_power_of_2(hidden)
     block_e = max(1, min(triton.next_power_of_2(num_experts), ROUTER_TILE // block))
     _norm_router_route_kernel[(triton.cdiv(num_experts, block_e), n)](
-        x, residual, norm_weight, out, res_out, router_weight, logits, _arrival_counter(dev), *routed,
+        x, residual, norm_weight, out, res_out, router_weight, logits, _arrival_counter(dev), routed.topk_weights,
+        routed.topk_ids, *aligned,
         n, hidden, num_experts, eps, x.stride(0), stride_xk, residual.stride(0), router_weight.stride(0),
         ZERO_CENTERED=zero_centered, NUM_PARTIALS=num_partials, BLOCK=block, BLOCK_E=block_e, **launch,
-        num_warps=4, **pdl_launch(dev))
+        ALIGN=align, num_warps=4, **pdl_launch(dev))
     return out, res_out, logits, routed

@@ -73,6 +73,9 @@ def moe_forward_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
 # H200, 30B-A3B decode: batch 1 / 2 / 4 / 16 from 333 / 505 / 743 / 1,457 to 342 / 517 / 749 / 1,463 tok/s
 # (benchmarks/results/decode_variants_30b-a3b-20261130T084348.json). QWEN3CODER_FUSED_ROUTER=0: off.
 FUSED_NORM_ROUTER = os.environ.get("QWEN3CODER_FUSED_ROUTER", "1") != "0"
+# that launch skips the expert-sorted layout when the MoE GEMVs (`kernels.moe_gemv`) take the rows: they
+# find each pair's expert in topk_ids. False: always build it (benchmarks compare the two).
+SKIP_ALIGN_FOR_GEMV = True
 
 
 class Experts(nn.Module):
@@ -152,14 +155,18 @@ class SparseMoeBlock(nn.Module):
             x, residual = norm(hidden, residual)
             return self(x), residual
         from qwen3coder.kernels.fused_moe import moe_block_m
+        from qwen3coder.kernels.moe_gemv import moe_gemv_config
         from qwen3coder.kernels.norm_router import fused_norm_router_route
 
         x = hidden.partials if isinstance(hidden, Partials) else hidden
+        # rows that the MoE GEMVs take need no expert-sorted layout: the routing skips it
+        align = not (SKIP_ALIGN_FOR_GEMV and moe_gemv_config(n, residual, self.experts.gate_up_proj) is not None)
         x, residual, _, r = fused_norm_router_route(x, residual, norm.weight, norm.eps, norm.zero_centered,
                                                     self.gate.weight, self.top_k, self.norm_topk_prob,
-                                                    moe_block_m(n * self.top_k))
+                                                    moe_block_m(n * self.top_k), align=align)
         reduce = not self.fold_topk_sum
-        out = self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert), reduce=reduce)
+        out = self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert) if align else None,
+                           reduce=reduce)
         return (out if reduce else TopKPartials(out)), residual
 
     def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor, reduce: bool = True

@@ -10,8 +10,8 @@ dependent launch off or wait-first (`kernels.pdl`), the fused post-attention nor
 on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV's shapes and tiles
 (`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles (`kernels.moe_gemv.TUNED`),
 decode attention's splits merged by the last to arrive (`kernels.paged_attention.LAST_SPLIT_MERGE`),
-the L2 prefetch of the next projection's weights (`kernels.l2_prefetch`: off, one site, the norm's
-prefetch programs); `a+b` runs two variants together. The decode CUDA graphs
+the routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`);
+`a+b` runs two variants together. The decode CUDA graphs
 bake such choices in, so they are recaptured per variant; then decode tokens/s at each batch
 (`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run). A variant is only as good as
 its timing noise: run-to-run differences of ~1% were seen on an H200, so the baseline runs first and
@@ -36,8 +36,8 @@ from qwen3coder.config import ModelConfig
 from qwen3coder.engine import LLM
 from qwen3coder.kernels import fused_moe as fm
 from qwen3coder.kernels import gemv as gv
-from qwen3coder.kernels import l2_prefetch as l2p
 from qwen3coder.kernels import moe_gemv as mg
+from qwen3coder.kernels import moe_routing as mr
 from qwen3coder.kernels import norm_router as nr
 from qwen3coder.kernels import paged_attention as pa
 from qwen3coder.kernels import pdl
@@ -86,11 +86,8 @@ VARIANTS: dict[str, Any] = {
     "gemv_oproj_bs2": lambda: [(gv, "TUNED", {**gv.TUNED, (2, 2048, 4096): gv.GemvConfig(8192, 4)})],
     "gemv_qkv": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(8192, 4)})],
     "moe_gemv_off": lambda: [(mg, "TUNED", {})],
+    "topk_two_reductions": lambda: [(mr, "PACKED_TOPK", False)],
     "router_align_always": lambda: [(moe_mod, "SKIP_ALIGN_FOR_GEMV", False)],
-    "l2_prefetch_off": lambda: [(l2p, "_ENABLED", False)],
-    "l2_prefetch_attention": lambda: [(l2p, "_ENABLED", True), (l2p, "SITES", frozenset({"attention"}))],
-    "l2_prefetch_input_norm": lambda: [(l2p, "_ENABLED", True), (l2p, "SITES", frozenset({"input_norm"}))],
-    **{f"l2_prefetch_programs{n}": (lambda n=n: [(l2p, "PREFETCH_PROGRAMS", n)]) for n in (32, 64, 256, 512)},
 }
 
 

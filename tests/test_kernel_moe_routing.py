@@ -69,6 +69,26 @@ def test_ties_lowest_index_first():
     assert torch.equal(r.sorted_ids.long(), sorted_ids) and torch.equal(r.block_expert.long(), block_expert)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_signed_zeros_and_negatives(monkeypatch, packed, tiled):
+    """-0.0 ties with +0.0 (lowest index first), negative logits order below them, -inf never wins over
+    a finite logit; both top-k formulations (`PACKED_TOPK`) and both routing paths agree with `route`."""
+    import qwen3coder.kernels.moe_routing as mr
+
+    monkeypatch.setattr(mr, "PACKED_TOPK", packed)
+    rows = [[-0.0, 0.0, -1.5, -0.0, -3e30, 0.25, -0.25, 0.0],
+            [-1.0, -2.0, -1.0, float("-inf"), -0.5, -7.0, -0.5, -1e-30],
+            [1e30, -1e30, 5.0, 5.0, -0.0, 0.0, -5.0, 1e-30]]
+    logits = torch.tensor(rows * (12 if tiled else 1), device=DEV)  # 36 rows: the tiled path's fits
+    fn = mr.tiled_route_align if tiled else fused_route_align
+    r = fn(logits, 4, True, 4, torch.float32)
+    expected_ids = torch.sort(-logits.cpu(), dim=1, stable=True).indices[:, :4]
+    assert torch.equal(r.topk_ids.cpu().long(), expected_ids)
+    weights, _ = route(logits, 4, True, torch.float32)
+    assert torch.allclose(r.topk_weights, weights, atol=1e-6)
+
+
 @pytest.mark.parametrize("n, experts, top_k, block_m, norm", [
     (33, 8, 2, 16, True), (33, 128, 8, 64, False), (200, 128, 8, 64, True), (200, 60, 4, 16, False),
     (700, 128, 8, 16, True), (700, 16, 1, 64, False), (700, 128, 2, 64, True), (1, 128, 8, 16, True),

@@ -89,12 +89,14 @@ class RoutedPairs(NamedTuple):
     block_expert: torch.Tensor | None  # [P / block_m] int32: the expert of each block, -1 past the end
 
 
+PACKED_TOPK = True  # A/B switch: one int64 max per top-k choice (True) or a max and a min (False)
+
 if triton is not None:
 
     @triton.jit
     def _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
                             TOP_K: tl.constexpr, NORM: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr,
-                            K_PAD: tl.constexpr):
+                            K_PAD: tl.constexpr, PACKED_TOPK: tl.constexpr):
         """Rows `rows` [ROWS] of router logits: softmax in fp32, top-k by iterative max-and-mask (the
         lowest expert index first among equal logits), renormalised when NORM, stored as weights (cast)
         and int32 ids. Returns `slot [ROWS, E_PAD]`: the position j of expert e in token n's top-k, or
@@ -105,22 +107,46 @@ if triton is not None:
         x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lm + cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         x = tl.where(col_ok[None, :], x, float("-inf"))  # padding rows stay finite (0): no NaN
-        row_max = tl.max(x, axis=1)
-        denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
         ks = tl.arange(0, K_PAD)
         top_w = tl.zeros((ROWS, K_PAD), tl.float32)
         top_id = tl.zeros((ROWS, K_PAD), tl.int32)
         slot = tl.full((ROWS, E_PAD), -1, tl.int32)
-        val = x
-        for j in tl.static_range(TOP_K):
-            m = tl.max(val, axis=1)
-            idx = tl.min(tl.where(val == m[:, None], cols[None, :], E_PAD), axis=1)  # lowest index on ties
-            hit = cols[None, :] == idx[:, None]
-            slot = tl.where(hit, j, slot)
-            val = tl.where(hit, float("-inf"), val)
-            p = tl.exp(m - row_max) / denom
-            top_w = tl.where(ks[None, :] == j, p[:, None], top_w)
-            top_id = tl.where(ks[None, :] == j, idx[:, None], top_id)
+        if PACKED_TOPK:
+            # one max per choice over int64 keys: the logit's bits made order-preserving as a signed int
+            # (negative floats: the other 31 bits flipped; +0.0 for -0.0, which compares equal) above
+            # E_PAD - 1 - expert, so the largest key is the largest logit, the lowest expert among equal ones
+            bits = (x + 0.0).to(tl.int32, bitcast=True)
+            ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            key = (ordered.to(tl.int64) << 32) | (E_PAD - 1 - cols)[None, :].to(tl.int64)
+            taken = tl.full((ROWS, E_PAD), -1, tl.int64) << 63  # below every key
+            row_max = tl.zeros((ROWS,), tl.float32)
+            for j in tl.static_range(TOP_K):
+                best = tl.max(key, axis=1)
+                idx = E_PAD - 1 - best.to(tl.int32)  # the low 32 bits
+                hi = (best >> 32).to(tl.int32)
+                m = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+                if j == 0:
+                    row_max = m
+                hit = cols[None, :] == idx[:, None]
+                slot = tl.where(hit, j, slot)
+                key = tl.where(hit, taken, key)
+                top_w = tl.where(ks[None, :] == j, m[:, None], top_w)  # the logits for now
+                top_id = tl.where(ks[None, :] == j, idx[:, None], top_id)
+            denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
+            top_w = tl.where(ks[None, :] < TOP_K, tl.exp(top_w - row_max[:, None]) / denom[:, None], 0.0)
+        else:
+            row_max = tl.max(x, axis=1)
+            denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
+            val = x
+            for j in tl.static_range(TOP_K):
+                m = tl.max(val, axis=1)
+                idx = tl.min(tl.where(val == m[:, None], cols[None, :], E_PAD), axis=1)  # lowest index on ties
+                hit = cols[None, :] == idx[:, None]
+                slot = tl.where(hit, j, slot)
+                val = tl.where(hit, float("-inf"), val)
+                p = tl.exp(m - row_max) / denom
+                top_w = tl.where(ks[None, :] == j, p[:, None], top_w)
+                top_id = tl.where(ks[None, :] == j, idx[:, None], top_id)
         if NORM:
             top_w = top_w / tl.sum(top_w, axis=1)[:, None]  # columns >= TOP_K hold 0
         out_off = rows[:, None] * TOP_K + ks[None, :]
@@ -135,26 +161,26 @@ if triton is not None:
                                   TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
                                   N_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                                   RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                                  BLOCKS_PAD: tl.constexpr, PDL: tl.constexpr):
+                                  BLOCKS_PAD: tl.constexpr, PACKED_TOPK: tl.constexpr, PDL: tl.constexpr):
         """One program: softmax + top-k + renorm + cast, then the alignment (see the module docstring)."""
         pdl_prologue(PDL)
         route_align_rows(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, num_tokens,
                          num_experts, stride_lm, num_slots, num_blocks, TOP_K, NORM, BLOCK_M, N_PAD, E_PAD, K_PAD,
-                         RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD, True)
+                         RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD, True, PACKED_TOPK)
 
     @triton.jit
     def route_align_rows(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, num_tokens,
                          num_experts, stride_lm, num_slots, num_blocks, TOP_K: tl.constexpr, NORM: tl.constexpr,
                          BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                          RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr, BLOCKS_PAD: tl.constexpr,
-                         ALIGN: tl.constexpr):
+                         ALIGN: tl.constexpr, PACKED_TOPK: tl.constexpr):
         """The body of `_fused_route_align_kernel` (also run by `kernels.norm_router`'s last program);
         without ALIGN only the routing (weights, ids), not the expert-sorted layout."""
         rows = tl.arange(0, N_PAD)
         cols = tl.arange(0, E_PAD)
         row_ok = rows < num_tokens
         slot = _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
-                                   TOP_K, NORM, N_PAD, E_PAD, K_PAD)
+                                   TOP_K, NORM, N_PAD, E_PAD, K_PAD, PACKED_TOPK)
 
         if ALIGN:  # the expert-sorted layout: runs of BLOCK_M-padded slots per expert, in expert order
             num_pairs = num_tokens * TOP_K
@@ -217,7 +243,8 @@ def route_align_buffers(n: int, num_experts: int, top_k: int, norm_topk_prob: bo
         routed = RoutedPairs(weights, ids, None, None)
     launch = dict(num_slots=slots, num_blocks=slots // block_m, TOP_K=top_k, NORM=bool(norm_topk_prob),
                   BLOCK_M=block_m, N_PAD=_pow2(n), E_PAD=_pow2(num_experts), K_PAD=_pow2(top_k),
-                  RUN_BLOCKS=_pow2(-(-n // block_m)), SLOTS_PAD=_pow2(slots), BLOCKS_PAD=_pow2(slots // block_m))
+                  RUN_BLOCKS=_pow2(-(-n // block_m)), SLOTS_PAD=_pow2(slots), BLOCKS_PAD=_pow2(slots // block_m),
+                  PACKED_TOPK=PACKED_TOPK)
     return routed, launch
 
 
@@ -238,7 +265,8 @@ if triton is not None:
     @triton.jit
     def _route_align_topk_kernel(logits_ptr, weights_ptr, ids_ptr, hist_ptr, num_tokens, num_experts,
                                  stride_lm, TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 E_PAD: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr):
+                                 E_PAD: tl.constexpr, K_PAD: tl.constexpr, PACKED_TOPK: tl.constexpr,
+                                 PDL: tl.constexpr):
         """Tile t of BLOCK_T tokens: softmax + top-k + renorm + cast as `_fused_route_align_kernel`, and
         hist[t, e] = how many of the tile's tokens chose expert e."""
         pdl_prologue(PDL)
@@ -247,7 +275,7 @@ if triton is not None:
         cols = tl.arange(0, E_PAD)
         col_ok = cols < num_experts
         slot = _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
-                                   TOP_K, NORM, BLOCK_T, E_PAD, K_PAD)
+                                   TOP_K, NORM, BLOCK_T, E_PAD, K_PAD, PACKED_TOPK)
         chosen = (slot >= 0).to(tl.int32)
         tl.store(hist_ptr + tile * num_experts + cols, tl.sum(chosen, axis=0), mask=col_ok)
 
@@ -342,8 +370,8 @@ def tiled_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
     e_pad = _pow2(num_experts)
     _route_align_topk_kernel[(num_tiles,)](
         router_logits, weights, ids, hist, n, num_experts, router_logits.stride(0), TOP_K=top_k,
-        NORM=bool(norm_topk_prob), BLOCK_T=block_t, E_PAD=e_pad, K_PAD=_pow2(top_k), num_warps=warps,
-        **pdl_launch(dev))
+        NORM=bool(norm_topk_prob), BLOCK_T=block_t, E_PAD=e_pad, K_PAD=_pow2(top_k), PACKED_TOPK=PACKED_TOPK,
+        num_warps=warps, **pdl_launch(dev))
     e_block = min(e_pad, 16)
     _route_align_scan_kernel[(-(-num_experts // e_block),)](
         hist, prefix, totals, num_tiles, num_experts, E_BLOCK=e_block,

@@ -84,7 +84,8 @@ if triton is not None:
                                   TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
                                   N_PAD: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                                   RUN_BLOCKS: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                                  BLOCKS_PAD: tl.constexpr, ALIGN: tl.constexpr, PDL: tl.constexpr):
+                                  BLOCKS_PAD: tl.constexpr, PACKED_TOPK: tl.constexpr, ALIGN: tl.constexpr,
+                                  PDL: tl.constexpr):
         """Program (p, row): router rows [p*BLOCK_E, (p+1)*BLOCK_E) for one token row; see the module docstring."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -109,7 +110,7 @@ if triton is not None:
         if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:  # the last: every program's logits are stored
             route_align_rows(logits_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, block_expert_ptr, num_tokens,
                              num_experts, num_experts, num_slots, num_blocks, TOP_K, NORM, BLOCK_M, N_PAD,
-                             E_PAD, K_PAD, RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD, ALIGN)
+                             E_PAD, K_PAD, RUN_BLOCKS, SLOTS_PAD, BLOCKS_PAD, ALIGN, PACKED_TOPK)
             tl.store(counter_ptr, 0)
 
 

@@ -44,14 +44,12 @@ import os
 
 import torch
 
-from qwen3coder.kernels.l2_prefetch import prefetch_launch
 from qwen3coder.kernels.pdl import pdl_launch
 
 try:
     import triton
     import triton.language as tl
 
-    from qwen3coder.kernels.l2_prefetch import prefetch_share
     from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
@@ -81,20 +79,14 @@ if triton is not None:
     def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, m_ptr,
                              l_ptr, acc_ptr, counter_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks,
                              stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_on, stride_oh,
-                             num_splits, num_heads, min_tiles, pf_ptr, pf_bytes, GROUP: tl.constexpr,
-                             GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                             TILE_N: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr,
-                             SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, IEEE: tl.constexpr,
-                             PREFETCH: tl.constexpr, PF_THREADS: tl.constexpr, PDL: tl.constexpr):
+                             num_splits, num_heads, min_tiles, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                             SPLIT: tl.constexpr, MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                             CHUNK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         """One (sequence, KV head, split): online softmax over the split's tiles of the real length.
         Without SPLIT, or when the sequence's length leaves a single split in use, the output is
         written directly; otherwise the partial max (base 2), sum and unnormalised output go to
-        m/l/acc, laid out [seq, head, split(, HEAD_DIM)]. Splits past the used ones return at once.
-        PREFETCH: every program first asks L2 for its share of the next GEMM's weights (`kernels.l2_prefetch`)."""
-        if PREFETCH:
-            grid = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-            part = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-            prefetch_share(pf_ptr, pf_bytes, part, grid, PF_THREADS)
+        m/l/acc, laid out [seq, head, split(, HEAD_DIM)]. Splits past the used ones return at once."""
         pdl_prologue(PDL)
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -273,8 +265,8 @@ def splits_used(seq_len: int, num_splits: int, min_tiles: int = MIN_TILES_PER_SP
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int | None = None, num_splits: int | None = None,
-                           min_tiles_per_split: int | None = None, last_split_merge: bool | None = None,
-                           l2_prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                           min_tiles_per_split: int | None = None, last_split_merge: bool | None = None
+                           ) -> torch.Tensor:
     """Decode attention: q [N, Hq, D] (one token per sequence) -> [N, Hq, D].
 
     Caches are `[blocks, block_size, Hk, D]`; `block_tables` [N, width] int32 (entries past a
@@ -284,8 +276,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (batch size, bound) and the call can be captured in a CUDA graph. `min_tiles_per_split` is the
     floor of 64-token tiles per split (None: `MIN_TILES_PER_SPLIT`; 1: no floor); it is a runtime
     kernel argument, so changing it compiles nothing. `last_split_merge` (None: `LAST_SPLIT_MERGE`):
-    merge the splits in the attention kernel, no merge launch. `l2_prefetch`: a weight that the
-    kernel's programs ask L2 for before their wait (`kernels.l2_prefetch.prefetch_target`'s result)."""
+    merge the splits in the attention kernel, no merge launch."""
     assert triton is not None, "triton is not installed"
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -316,11 +307,10 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, counters, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_splits, num_heads, min_tiles, **prefetch_launch(l2_prefetch, q),
+        out.stride(0), out.stride(1), num_splits, num_heads, min_tiles,
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, MERGE=merge_here, SPLITS_PAD=splits_pad,
-        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, PF_THREADS=4 * 32, num_warps=4,
-        **pdl_launch(q.device))
+        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=4, **pdl_launch(q.device))
     if split and not merge_here:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
             m, l, acc, seq_lens, out, num_splits, num_heads, min_tiles, out.stride(0), out.stride(1),

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from qwen3coder.kernels import l2_prefetch as l2p
-from qwen3coder.kernels.l2_prefetch import prefetch_launch
 from qwen3coder.kernels.pdl import pdl_launch
 
 try:
     import triton
     import triton.language as tl
 
-    from qwen3coder.kernels.l2_prefetch import prefetch_share
     from qwen3coder.kernels.pdl import pdl_prologue
 except ImportError:  # pragma: no cover
     triton = None
@@ -66,19 +63,12 @@ if triton is not None:
         return y.to(OUT_DTYPE), x
 
     @triton.jit
-    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, n_cols, eps,
-                            stride_x, stride_xk, stride_r, stride_o, stride_ro, pf_ptr, pf_bytes,
+    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+                            stride_x, stride_xk, stride_r, stride_o, stride_ro,
                             HAS_RESIDUAL: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-                            NUM_PARTIALS: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
-                            PF_THREADS: tl.constexpr, PDL: tl.constexpr):
-        """NUM_PARTIALS 0: x is one row [H] per program; K > 0: K partial rows, `stride_xk` apart.
-        PREFETCH: every program first asks L2 for its share of the next GEMM's weights
-        (`kernels.l2_prefetch`); the programs past `n_rows` do only that."""
-        if PREFETCH:
-            prefetch_share(pf_ptr, pf_bytes, tl.program_id(0), tl.num_programs(0), PF_THREADS)
+                            NUM_PARTIALS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """NUM_PARTIALS 0: x is one row [H] per program; K > 0: K partial rows, `stride_xk` apart."""
         pdl_prologue(PDL)
-        if tl.program_id(0) >= n_rows:
-            return
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -90,15 +80,12 @@ if triton is not None:
 
 
 def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                      zero_centered: bool = False, l2_prefetch: torch.Tensor | None = None):
+                      zero_centered: bool = False):
     """x [..., H] (+ residual, same shape) -> normed (and the new residual when one was given).
 
     Partials: x [N, K, H] with residual [N, H] (one dimension fewer) -> (normed [N, H], new
     residual [N, H]) in the residual's dtype, where the new residual is the sum of x over K (fp32
     accumulation in order, rounded once) + residual. Partials always come with a residual.
-
-    `l2_prefetch`: a weight (`kernels.l2_prefetch.prefetch_target`'s result) that `PREFETCH_PROGRAMS`
-    extra programs of the launch ask L2 for before their wait.
     """
     assert triton is not None, "triton is not installed"
     n_cols = x.shape[-1]
@@ -116,12 +103,11 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: to
     out = torch.empty(n_rows, n_cols, dtype=residual.dtype if num_partials else x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
     res2 = residual.reshape(-1, n_cols) if residual is not None else out
-    extra = l2p.PREFETCH_PROGRAMS if l2_prefetch is not None else 0
-    _add_rmsnorm_kernel[(n_rows + extra,)](
-        x2, res2, weight, out, res_out, n_rows, n_cols, eps, x2.stride(0), stride_xk, res2.stride(0),
-        out.stride(0), res_out.stride(0), **prefetch_launch(l2_prefetch, out), HAS_RESIDUAL=residual is not None,
-        ZERO_CENTERED=zero_centered, NUM_PARTIALS=num_partials, BLOCK=triton.next_power_of_2(n_cols),
-        PF_THREADS=4 * 32, num_warps=4, **pdl_launch(x.device))
+    _add_rmsnorm_kernel[(n_rows,)](
+        x2, res2, weight, out, res_out, n_cols, eps, x2.stride(0), stride_xk, res2.stride(0), out.stride(0),
+        res_out.stride(0), HAS_RESIDUAL=residual is not None, ZERO_CENTERED=zero_centered,
+        NUM_PARTIALS=num_partials, BLOCK=triton.next_power_of_2(n_cols),
+        **pdl_launch(x.device))
     if residual is None:
         return out.view(shape)
     return out.view(shape), res_out.view(shape)

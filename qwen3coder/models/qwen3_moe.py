@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from qwen3coder.config import ModelConfig
-from qwen3coder.kernels.l2_prefetch import prefetch_target
 from qwen3coder.models.base import CausalLM, DecoderModel
 from qwen3coder.models.context import ForwardContext
 from qwen3coder.models.layers.attention import Qwen3Attention
@@ -53,13 +52,11 @@ class Qwen3MoeDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | TopKPartials, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor | TopKPartials, torch.Tensor]:
-        """(FFN output, residual) for the next layer's input_layernorm to add (see the module docstring).
-        At decode the input norm asks L2 for qkv_proj's weights (`kernels.l2_prefetch`)."""
-        pf = prefetch_target("input_norm", self.self_attn.qkv_proj.weight) if ctx.is_decode else None
+        """(FFN output, residual) for the next layer's input_layernorm to add (see the module docstring)."""
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden, l2_prefetch=pf)
+            residual, hidden = hidden, self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual, l2_prefetch=pf)
+            hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, ctx)
         if isinstance(self.mlp, SparseMoeBlock):  # may fuse the norm with the router and routing
             return self.mlp.forward_with_norm(hidden, residual, self.post_attention_layernorm)

@@ -17,7 +17,6 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from qwen3coder.kernels import use_triton
-from qwen3coder.kernels.l2_prefetch import prefetch_target
 from qwen3coder.models.context import ForwardContext
 from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.norms import RMSNorm
@@ -58,19 +57,16 @@ class PagedAttention(nn.Module):
         store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, all_valid=ctx.is_decode and use_triton(q))
         return self.attend_cached(q, ctx)
 
-    def attend_cached(self, q: torch.Tensor, ctx: ForwardContext, l2_prefetch: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+    def attend_cached(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """q [N, Hq, D] -> [N, Hq, D] over the cache, into which this step's keys and values are
-        already written (by `forward`, or by the fused prologue of `Qwen3Attention`). `l2_prefetch`:
-        the next GEMM's weight for the decode kernel to ask L2 for (`kernels.l2_prefetch`)."""
+        already written (by `forward`, or by the fused prologue of `Qwen3Attention`)."""
         assert self.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
         if use_triton(q):
             if ctx.is_decode:
                 from qwen3coder.kernels.paged_attention import paged_attention_decode
 
                 return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.seq_lens,
-                                              self.scale, max_seq_len=max(ctx.seq_lens_cpu),
-                                              l2_prefetch=l2_prefetch)
+                                              self.scale, max_seq_len=max(ctx.seq_lens_cpu))
             from qwen3coder.kernels import paged_prefill
 
             # prefill, chunked prefill and mixed prefill+decode steps: one launch for the whole batch
@@ -207,5 +203,4 @@ class Qwen3Attention(nn.Module):
             v.view(n, self.num_kv_heads, self.head_dim), self.q_norm.weight, self.k_norm.weight,
             self.q_norm.eps, cos, sin, self.attn.k_cache, self.attn.v_cache, ctx.slot_mapping,
             zero_centered=self.q_norm.zero_centered)
-        pf = prefetch_target("attention", self.o_proj.weight) if ctx.is_decode else None
-        return self.attn.attend_cached(q, ctx, pf)
+        return self.attn.attend_cached(q, ctx)

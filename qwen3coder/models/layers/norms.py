@@ -36,12 +36,9 @@ class RMSNorm(nn.Module):
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
-    def forward(self, x: torch.Tensor | Partials, residual: torch.Tensor | None = None,
-                l2_prefetch: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor | Partials, residual: torch.Tensor | None = None):
         """norm(x), or (norm(x + residual), x + residual) when a residual is given. `Partials` (always
-        with a residual) are summed first: in the kernel, or by `reduce()` off the Triton path.
-        `l2_prefetch`: the next GEMM's weight for the kernel to ask L2 for (`kernels.l2_prefetch`;
-        a speed hint, ignored off the Triton path)."""
+        with a residual) are summed first: in the kernel, or by `reduce()` off the Triton path."""
         if isinstance(x, Partials):
             assert residual is not None, "partials are only ever added to a residual"
             assert x.out_dtype == residual.dtype, (x.out_dtype, residual.dtype)
@@ -49,7 +46,7 @@ class RMSNorm(nn.Module):
         if use_triton(x):
             from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm
 
-            return fused_add_rmsnorm(x, residual, self.weight, self.eps, self.zero_centered, l2_prefetch)
+            return fused_add_rmsnorm(x, residual, self.weight, self.eps, self.zero_centered)
         if residual is None:
             return self._norm(x)
         x = residual + x

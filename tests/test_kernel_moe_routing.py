@@ -73,10 +73,10 @@ def test_ties_lowest_index_first():
 @pytest.mark.parametrize("tiled", [False, True])
 def test_signed_zeros_and_negatives(monkeypatch, packed, tiled):
     """-0.0 ties with +0.0 (lowest index first), negative logits order below them, -inf never wins over
-    a finite logit; both top-k formulations (`PACKED_TOPK`) and both routing paths agree with `route`."""
+    a finite logit; both top-k formulations (`PACKED_TOPK_MAX_ROWS`) and both routing paths agree with `route`."""
     import qwen3coder.kernels.moe_routing as mr
 
-    monkeypatch.setattr(mr, "PACKED_TOPK", packed)
+    monkeypatch.setattr(mr, "PACKED_TOPK_MAX_ROWS", 1 << 30 if packed else 0)
     rows = [[-0.0, 0.0, -1.5, -0.0, -3e30, 0.25, -0.25, 0.0],
             [-1.0, -2.0, -1.0, float("-inf"), -0.5, -7.0, -0.5, -1e-30],
             [1e30, -1e30, 5.0, 5.0, -0.0, 0.0, -5.0, 1e-30]]

@@ -3,9 +3,10 @@
 `moe_align(topk_ids)` lays the (token, k) pairs out expert by expert, each expert's run padded to a
 multiple of BLOCK_M, entirely with device ops (no host sync: CUDA-graph safe). Two grouped GEMMs then
 run over those blocks — gate and up tiles of `x @ W13[e]^T` with SwiGLU in the epilogue, then
-`h @ W2[e]^T` scaled by the routing weight — so each program reads one tile of one expert's weights, and an expert's weights are read
-once per BLOCK_M tokens routed to it, whatever the batch. The same path serves decode (one token:
-the top-k experts' weights read once) and prefill (tokens grouped per expert).
+`h @ W2[e]^T` scaled by the routing weight — so each program reads one tile of one expert's weights,
+and an expert's weights are read once per BLOCK_M tokens routed to it, whatever the batch. The same
+path serves decode (one token: the top-k experts' weights read once) and prefill (tokens grouped per
+expert).
 `moe_forward_reference` in `qwen3coder.models.layers.moe` is the plain-PyTorch reference.
 On the Triton path `qwen3coder.kernels.moe_routing.route_align` produces the routing and the same
 alignment (one launch for decode-sized batches, three for prefill-sized ones); `fused_moe` then takes

@@ -89,7 +89,11 @@ class RoutedPairs(NamedTuple):
     block_expert: torch.Tensor | None  # [P / block_m] int32: the expert of each block, -1 past the end
 
 
-PACKED_TOPK = True  # A/B switch: one int64 max per top-k choice (True) or a max and a min (False)
+# Top-k over int64 keys (one max per choice) for up to this many rows (padded), else a max and a min per
+# choice over fp32 values. H200, 30B-A3B decode (`topk_two_reductions` of benchmarks/bench_decode_variants.py,
+# benchmarks/results/decode_variants_30b-a3b-20261130T110031.json), tok/s: batch 1 376.7 -> 380.9, batch 2
+# 534.0 -> 538.4 with the keys, but batch 16 1,462 -> 1,447 (16 rows x 128 experts: 16 int64 keys a thread).
+PACKED_TOPK_MAX_ROWS = 2
 
 if triton is not None:
 
@@ -97,10 +101,12 @@ if triton is not None:
     def _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
                             TOP_K: tl.constexpr, NORM: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr,
                             K_PAD: tl.constexpr, PACKED_TOPK: tl.constexpr):
-        """Rows `rows` [ROWS] of router logits: softmax in fp32, top-k by iterative max-and-mask (the
-        lowest expert index first among equal logits), renormalised when NORM, stored as weights (cast)
-        and int32 ids. Returns `slot [ROWS, E_PAD]`: the position j of expert e in token n's top-k, or
-        -1 (also for rows past `num_tokens`)."""
+        """Rows `rows` [ROWS] of router logits: softmax in fp32, top-k by iterative max-and-mask (the lowest
+        expert index first among equal logits), renormalised when NORM, stored as weights (cast) and int32 ids.
+        PACKED_TOPK: each choice is one max over int64 (logit, expert) keys instead of a max over the values and
+        a min over the indices of the maxima; the same choices and weights (the same fp32 operations on the same
+        values). Returns `slot [ROWS, E_PAD]`: the position j of expert e in token n's top-k, or -1 (also for
+        rows past `num_tokens`)."""
         cols = tl.arange(0, E_PAD)
         row_ok = rows < num_tokens
         col_ok = cols < num_experts
@@ -244,7 +250,7 @@ def route_align_buffers(n: int, num_experts: int, top_k: int, norm_topk_prob: bo
     launch = dict(num_slots=slots, num_blocks=slots // block_m, TOP_K=top_k, NORM=bool(norm_topk_prob),
                   BLOCK_M=block_m, N_PAD=_pow2(n), E_PAD=_pow2(num_experts), K_PAD=_pow2(top_k),
                   RUN_BLOCKS=_pow2(-(-n // block_m)), SLOTS_PAD=_pow2(slots), BLOCKS_PAD=_pow2(slots // block_m),
-                  PACKED_TOPK=PACKED_TOPK)
+                  PACKED_TOPK=_pow2(n) <= PACKED_TOPK_MAX_ROWS)
     return routed, launch
 
 
@@ -370,8 +376,8 @@ def tiled_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
     e_pad = _pow2(num_experts)
     _route_align_topk_kernel[(num_tiles,)](
         router_logits, weights, ids, hist, n, num_experts, router_logits.stride(0), TOP_K=top_k,
-        NORM=bool(norm_topk_prob), BLOCK_T=block_t, E_PAD=e_pad, K_PAD=_pow2(top_k), PACKED_TOPK=PACKED_TOPK,
-        num_warps=warps, **pdl_launch(dev))
+        NORM=bool(norm_topk_prob), BLOCK_T=block_t, E_PAD=e_pad, K_PAD=_pow2(top_k),
+        PACKED_TOPK=block_t <= PACKED_TOPK_MAX_ROWS, num_warps=warps, **pdl_launch(dev))
     e_block = min(e_pad, 16)
     _route_align_scan_kernel[(-(-num_experts // e_block),)](
         hist, prefix, totals, num_tiles, num_experts, E_BLOCK=e_block,

@@ -145,6 +145,7 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4 if block_m == 16 else 8, num_stages=3 if block_m < 128 else 2,
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4 if block_m == 16 else 8,
+        num_stages=3 if block_m < 128 else 2,
         **pdl_launch(q.device))
     return out

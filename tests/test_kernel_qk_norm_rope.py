@@ -195,11 +195,14 @@ def _decode_logits(model, prompts: list[list[int]], steps: int, fused: bool, mon
     return out
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["own-kernel", "folded"])
 @pytest.mark.parametrize("next_", [False, True], ids=["qwen3-moe", "qwen3-next"])
-def test_model_decode_with_fused_prologue(next_, monkeypatch):
+def test_model_decode_with_fused_prologue(next_, fold, monkeypatch):
     """A tiny model's prefill + decode logits: fused prologue == unfused path (fp32). On the CPU the
     attention module is told to take its Triton path (interpreter) for both runs, so the runs differ
-    only in the prologue; on the GPU both take it anyway."""
+    only in the prologue; on the GPU both take it anyway. Decode steps run the prologue in its own
+    kernel, or folded into decode attention (`FOLD_DECODE_PROLOGUE`, the default)."""
+    monkeypatch.setattr(attention_mod, "FOLD_DECODE_PROLOGUE", fold)
     if not CUDA:
         monkeypatch.setattr(attention_mod, "use_triton", lambda t: not torch.is_grad_enabled())
     calls = []
@@ -215,7 +218,8 @@ def test_model_decode_with_fused_prologue(next_, monkeypatch):
     assert not calls
     got = _decode_logits(model, prompts, 3, True, monkeypatch)
     n_attn = len(model.config.attention_layer_ids)
-    assert calls == [10] * n_attn + [2] * (3 * n_attn)  # prefill (7 + 3 tokens), then 3 decode steps
+    # prefill (7 + 3 tokens), then 3 decode steps (folded: in the attention kernel)
+    assert calls == [10] * n_attn + ([] if fold else [2] * (3 * n_attn))
     for e, g in zip(expected, got):
         assert torch.isfinite(e).all()
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -51,6 +52,7 @@ try:
     import triton.language as tl
 
     from qwen3coder.kernels.pdl import pdl_prologue
+    from qwen3coder.kernels.qk_norm_rope import _norm_rope_tile
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
@@ -79,14 +81,21 @@ if triton is not None:
     def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, m_ptr,
                              l_ptr, acc_ptr, counter_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks,
                              stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_on, stride_oh,
-                             num_splits, num_heads, min_tiles, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                             num_splits, num_heads, min_tiles, k_new_ptr, v_new_ptr, q_w_ptr, k_w_ptr, cos_ptr,
+                             sin_ptr, slot_ptr, eps, stride_kn, stride_knh, stride_vn, stride_vnh, stride_cos,
+                             stride_sin, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
                              SPLIT: tl.constexpr, MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                             CHUNK: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                             CHUNK: tl.constexpr, IEEE: tl.constexpr, PROLOGUE: tl.constexpr,
+                             ROT_DIM: tl.constexpr, HALF_ALIGN: tl.constexpr, ZERO_CENTERED: tl.constexpr,
+                             PDL: tl.constexpr):
         """One (sequence, KV head, split): online softmax over the split's tiles of the real length.
         Without SPLIT, or when the sequence's length leaves a single split in use, the output is
         written directly; otherwise the partial max (base 2), sum and unnormalised output go to
-        m/l/acc, laid out [seq, head, split(, HEAD_DIM)]. Splits past the used ones return at once."""
+        m/l/acc, laid out [seq, head, split(, HEAD_DIM)]. Splits past the used ones return at once.
+        PROLOGUE: q, k, v are the raw projections of the step's token; every program normalises and
+        rotates its group's queries, and the program whose split holds the last token also the key, and
+        stores key and value in the cache before its tile loop reads them (see `DecodePrologue`)."""
         pdl_prologue(PDL)
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -104,8 +113,15 @@ if triton is not None:
         n = tl.arange(0, TILE_N)
         heads = kvh * GROUP + g
         g_mask = g < GROUP
-        q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_mask[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)  # [G, D]; pad rows 0
+        if PROLOGUE:
+            q = _prologue(q_ptr, k_new_ptr, v_new_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr,
+                          v_cache_ptr, eps, seq, kvh, heads, g_mask, split == (num_tiles - 1) // per_split,
+                          stride_qn, stride_qh, stride_kn, stride_knh, stride_vn, stride_vnh, stride_cos,
+                          stride_sin, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                          GROUP_PAD, HEAD_DIM, BLOCK_SIZE, ROT_DIM, HALF_ALIGN, ZERO_CENTERED)
+        else:
+            q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
+                        mask=g_mask[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)  # [G, D]; pad rows 0
         m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l_i = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
@@ -161,6 +177,38 @@ if triton is not None:
             out = acc / l_i[:, None]
             tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+    @triton.jit
+    def _prologue(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, eps,
+                  seq, kvh, heads, g_mask, holds_last, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn,
+                  stride_vh, stride_cos, stride_sin, stride_cb, stride_cs, stride_ch, stride_vcb, stride_vcs,
+                  stride_vch, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  ROT_DIM: tl.constexpr, HALF_ALIGN: tl.constexpr, ZERO_CENTERED: tl.constexpr):
+        """The group's queries `[GROUP_PAD, HEAD_DIM]` in the cache dtype (pad rows 0), QK-normed and rotated
+        with `qk_norm_rope`'s own tile code; when `holds_last`, the key is normed and rotated too and the
+        key and value rows are stored at the token's slot, visible to the whole program (CTA barrier)."""
+        d = tl.arange(0, HEAD_DIM)
+        rot = d < ROT_DIM
+        cos = tl.load(cos_ptr + seq * stride_cos + d, mask=rot, other=0.0).to(tl.float32)[None, None, :]
+        sin = tl.load(sin_ptr + seq * stride_sin + d, mask=rot, other=0.0).to(tl.float32)[None, None, :]
+        rows = q_ptr + (seq * stride_qn + heads * stride_qh)[None, :, None]  # [1, G, 1]
+        q = _norm_rope_tile(rows, g_mask[None, :, None], q_w_ptr, cos, sin, eps, HEAD_DIM, ROT_DIM, HEAD_DIM,
+                            HALF_ALIGN, ZERO_CENTERED)
+        q = tl.where(g_mask[:, None], tl.reshape(q, (GROUP_PAD, HEAD_DIM)), 0.0).to(k_cache_ptr.dtype.element_ty)
+        if holds_last:
+            one = tl.full((1, 1, 1), True, tl.int1)
+            k_rows = k_ptr + (seq * stride_kn + kvh * stride_kh) + tl.zeros((1, 1, 1), tl.int64)
+            k = tl.reshape(_norm_rope_tile(k_rows, one, k_w_ptr, cos, sin, eps, HEAD_DIM, ROT_DIM, HEAD_DIM,
+                                           HALF_ALIGN, ZERO_CENTERED), (HEAD_DIM,))
+            v = tl.load(v_ptr + seq * stride_vn + kvh * stride_vh + d)
+            slot = tl.load(slot_ptr + seq).to(tl.int64)  # decode: every slot >= 0
+            block, pos = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            tl.store(k_cache_ptr + block * stride_cb + pos * stride_cs + kvh * stride_ch + d,
+                     k.to(k_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + block * stride_vcb + pos * stride_vcs + kvh * stride_vch + d,
+                     v.to(v_cache_ptr.dtype.element_ty))
+            tl.debug_barrier()  # the stores before any thread's tile loads
+        return q
 
     @triton.jit
     def _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr, seq, heads, g_mask, used, num_splits, num_heads, stride_on,
@@ -262,11 +310,50 @@ def splits_used(seq_len: int, num_splits: int, min_tiles: int = MIN_TILES_PER_SP
     return -(-num_tiles // per_split)
 
 
+class DecodePrologue(NamedTuple):
+    """The attention prologue of `kernels.qk_norm_rope`, folded into the decode kernel: the step's raw
+    keys and values `[N, Hk, D]` (any token/head strides, unit channel stride), the `q_norm`/`k_norm`
+    weights `[D]` and eps, the step's cos/sin rows `[N, rotary_dim]`, each token's cache slot, and the
+    norm form (zero-centred for Qwen3-Next)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
+    zero_centered: bool = False
+
+
+def _prologue_args(prologue: DecodePrologue | None, q: torch.Tensor) -> dict:
+    """The kernel arguments of a prologue (dummies and PROLOGUE off without one)."""
+    if prologue is None:
+        return dict(k_new_ptr=q, v_new_ptr=q, q_w_ptr=q, k_w_ptr=q, cos_ptr=q, sin_ptr=q, slot_ptr=q, eps=0.0,
+                    stride_kn=0, stride_knh=0, stride_vn=0, stride_vnh=0, stride_cos=0, stride_sin=0,
+                    PROLOGUE=False, ROT_DIM=2, HALF_ALIGN=1, ZERO_CENTERED=False)
+    p = prologue
+    n, num_kv_heads, head_dim = p.k.shape[0], p.k.shape[1], q.shape[2]
+    rot_dim = p.cos.shape[-1]
+    assert p.k.shape == p.v.shape == (n, num_kv_heads, head_dim) and q.shape[0] == n, (q.shape, p.k.shape)
+    assert q.stride(2) == p.k.stride(2) == p.v.stride(2) == 1, "channels must be contiguous"
+    assert rot_dim % 2 == 0 and 0 < rot_dim <= head_dim and p.sin.shape == p.cos.shape == (n, rot_dim)
+    assert p.cos.stride(1) == p.sin.stride(1) == 1 and p.q_weight.is_contiguous() and p.k_weight.is_contiguous()
+    assert p.slot_mapping.shape == (n,)
+    half = rot_dim // 2
+    return dict(k_new_ptr=p.k, v_new_ptr=p.v, q_w_ptr=p.q_weight, k_w_ptr=p.k_weight, cos_ptr=p.cos, sin_ptr=p.sin,
+                slot_ptr=p.slot_mapping, eps=p.eps, stride_kn=p.k.stride(0), stride_knh=p.k.stride(1),
+                stride_vn=p.v.stride(0), stride_vnh=p.v.stride(1), stride_cos=p.cos.stride(0),
+                stride_sin=p.sin.stride(0), PROLOGUE=True, ROT_DIM=rot_dim, HALF_ALIGN=min(16, half & -half),
+                ZERO_CENTERED=bool(p.zero_centered))
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int | None = None, num_splits: int | None = None,
-                           min_tiles_per_split: int | None = None, last_split_merge: bool | None = None
-                           ) -> torch.Tensor:
+                           min_tiles_per_split: int | None = None, last_split_merge: bool | None = None,
+                           prologue: DecodePrologue | None = None) -> torch.Tensor:
     """Decode attention: q [N, Hq, D] (one token per sequence) -> [N, Hq, D].
 
     Caches are `[blocks, block_size, Hk, D]`; `block_tables` [N, width] int32 (entries past a
@@ -276,7 +363,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (batch size, bound) and the call can be captured in a CUDA graph. `min_tiles_per_split` is the
     floor of 64-token tiles per split (None: `MIN_TILES_PER_SPLIT`; 1: no floor); it is a runtime
     kernel argument, so changing it compiles nothing. `last_split_merge` (None: `LAST_SPLIT_MERGE`):
-    merge the splits in the attention kernel, no merge launch."""
+    merge the splits in the attention kernel, no merge launch. `prologue`: q (then any token/head
+    strides) and the prologue's k/v are the step's raw projections; the kernel norms and rotates them
+    and stores k/v in the cache first, with the same arithmetic as `fused_qk_norm_rope_store` (same bits)."""
     assert triton is not None, "triton is not installed"
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -285,7 +374,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0, \
         "head_dim (>= 16) and block_size must be powers of two"
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and q.stride(2) == 1
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
     if num_splits is None:
@@ -307,7 +396,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, counters, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_splits, num_heads, min_tiles,
+        out.stride(0), out.stride(1), num_splits, num_heads, min_tiles, **_prologue_args(prologue, q),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, MERGE=merge_here, SPLITS_PAD=splits_pad,
         CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=4, **pdl_launch(q.device))

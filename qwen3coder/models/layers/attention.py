@@ -6,10 +6,13 @@ head) and the output projection. `PagedAttention` is the core: it writes the new
 `ctx.slot_mapping` and attends over each sequence's blocks. This module holds the plain-PyTorch
 reference path; the Triton kernels in `qwen3coder.kernels` are checked against it. On the Triton
 path a cached step fuses the prologue (QK-norm, RoPE, KV store: `qwen3coder.kernels.qk_norm_rope`)
-and then attends with `PagedAttention.attend_cached`.
+and then attends with `PagedAttention.attend_cached`; a decode step folds that prologue into the decode
+attention kernel itself (`FOLD_DECODE_PROLOGUE`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,11 @@ from qwen3coder.models.context import ForwardContext
 from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.norms import RMSNorm
 from qwen3coder.models.layers.rotary import RotaryEmbedding
+
+
+# Decode steps fold QK-norm, RoPE and the KV store into the attention kernel (`kernels.paged_attention`,
+# `DecodePrologue`): one launch fewer per layer, same bits. QWEN3CODER_FOLD_QK_ROPE=0: a kernel of its own.
+FOLD_DECODE_PROLOGUE = os.environ.get("QWEN3CODER_FOLD_QK_ROPE", "1") != "0"
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -57,16 +65,19 @@ class PagedAttention(nn.Module):
         store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, all_valid=ctx.is_decode and use_triton(q))
         return self.attend_cached(q, ctx)
 
-    def attend_cached(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def attend_cached(self, q: torch.Tensor, ctx: ForwardContext, prologue=None) -> torch.Tensor:
         """q [N, Hq, D] -> [N, Hq, D] over the cache, into which this step's keys and values are
-        already written (by `forward`, or by the fused prologue of `Qwen3Attention`)."""
+        already written (by `forward`, or by the fused prologue of `Qwen3Attention`) — or, for a decode
+        step on the Triton path with `prologue` (`kernels.paged_attention.DecodePrologue`), are written
+        by the attention kernel itself from the raw projections."""
         assert self.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
         if use_triton(q):
             if ctx.is_decode:
                 from qwen3coder.kernels.paged_attention import paged_attention_decode
 
                 return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.seq_lens,
-                                              self.scale, max_seq_len=max(ctx.seq_lens_cpu))
+                                              self.scale, max_seq_len=max(ctx.seq_lens_cpu), prologue=prologue)
+            assert prologue is None, "the folded prologue is for decode steps only"
             from qwen3coder.kernels import paged_prefill
 
             # prefill, chunked prefill and mixed prefill+decode steps: one launch for the whole batch
@@ -192,15 +203,21 @@ class Qwen3Attention(nn.Module):
     def _forward_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        ctx: ForwardContext) -> torch.Tensor:
         """q (views of the qkv projection: [N, Hq*D] or, gated, [N, Hq, D]), k, v [N, Hk*D] ->
-        attention output [N, Hq, D]; one kernel norms and rotates q and k and stores k and v."""
+        attention output [N, Hq, D]; one kernel norms and rotates q and k and stores k and v — at decode
+        (unless `QWEN3CODER_FOLD_QK_ROPE=0`) the attention kernel itself, else a kernel of its own."""
+        from qwen3coder.kernels.paged_attention import DecodePrologue
         from qwen3coder.kernels.qk_norm_rope import fused_qk_norm_rope_store
 
         assert self.attn.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
         n = q.shape[0]
         cos, sin = self.rotary.step_cos_sin(positions, q.dtype)
-        q = fused_qk_norm_rope_store(
-            q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
-            v.view(n, self.num_kv_heads, self.head_dim), self.q_norm.weight, self.k_norm.weight,
-            self.q_norm.eps, cos, sin, self.attn.k_cache, self.attn.v_cache, ctx.slot_mapping,
-            zero_centered=self.q_norm.zero_centered)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k, v = k.view(n, self.num_kv_heads, self.head_dim), v.view(n, self.num_kv_heads, self.head_dim)
+        if FOLD_DECODE_PROLOGUE and ctx.is_decode:
+            return self.attn.attend_cached(q, ctx, DecodePrologue(
+                k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, ctx.slot_mapping,
+                self.q_norm.zero_centered))
+        q = fused_qk_norm_rope_store(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
+                                     self.attn.k_cache, self.attn.v_cache, ctx.slot_mapping,
+                                     zero_centered=self.q_norm.zero_centered)
         return self.attn.attend_cached(q, ctx)

@@ -11,8 +11,8 @@ on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV's shape
 (`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles (`kernels.moe_gemv.TUNED`),
 decode attention's splits merged by the last to arrive (`kernels.paged_attention.LAST_SPLIT_MERGE`),
 the routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`),
-the routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in a kernel
-of its own instead of in decode attention (`models.layers.attention.FOLD_DECODE_PROLOGUE`);
+the routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in decode
+attention or in a kernel of its own (`models.layers.attention.FOLD_DECODE_PROLOGUE`);
 `a+b` runs two variants together. The decode CUDA graphs
 bake such choices in, so they are recaptured per variant; then decode tokens/s at each batch
 (`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run). A variant is only as good as
@@ -90,6 +90,7 @@ VARIANTS: dict[str, Any] = {
     "gemv_qkv": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(8192, 4)})],
     "moe_gemv_off": lambda: [(mg, "TUNED", {})],
     "qk_rope_unfolded": lambda: [(attn_mod, "FOLD_DECODE_PROLOGUE", False)],
+    "qk_rope_folded": lambda: [(attn_mod, "FOLD_DECODE_PROLOGUE", True)],
     "topk_two_reductions": lambda: [(mr, "PACKED_TOPK_MAX_ROWS", 0)],
     "topk_packed_all": lambda: [(mr, "PACKED_TOPK_MAX_ROWS", 1 << 30)],
     "router_align_always": lambda: [(moe_mod, "SKIP_ALIGN_FOR_GEMV", False)],

@@ -201,7 +201,7 @@ def test_model_decode_with_fused_prologue(next_, fold, monkeypatch):
     """A tiny model's prefill + decode logits: fused prologue == unfused path (fp32). On the CPU the
     attention module is told to take its Triton path (interpreter) for both runs, so the runs differ
     only in the prologue; on the GPU both take it anyway. Decode steps run the prologue in its own
-    kernel, or folded into decode attention (`FOLD_DECODE_PROLOGUE`, the default)."""
+    kernel (the default), or folded into decode attention (`FOLD_DECODE_PROLOGUE`)."""
     monkeypatch.setattr(attention_mod, "FOLD_DECODE_PROLOGUE", fold)
     if not CUDA:
         monkeypatch.setattr(attention_mod, "use_triton", lambda t: not torch.is_grad_enabled())

@@ -6,8 +6,8 @@ head) and the output projection. `PagedAttention` is the core: it writes the new
 `ctx.slot_mapping` and attends over each sequence's blocks. This module holds the plain-PyTorch
 reference path; the Triton kernels in `qwen3coder.kernels` are checked against it. On the Triton
 path a cached step fuses the prologue (QK-norm, RoPE, KV store: `qwen3coder.kernels.qk_norm_rope`)
-and then attends with `PagedAttention.attend_cached`; a decode step folds that prologue into the decode
-attention kernel itself (`FOLD_DECODE_PROLOGUE`).
+and then attends with `PagedAttention.attend_cached`; opt-in, a decode step folds that prologue into
+the decode attention kernel itself (`FOLD_DECODE_PROLOGUE`, measured slower).
 """
 
 from __future__ import annotations
@@ -26,9 +26,13 @@ from qwen3coder.models.layers.norms import RMSNorm
 from qwen3coder.models.layers.rotary import RotaryEmbedding
 
 
-# Decode steps fold QK-norm, RoPE and the KV store into the attention kernel (`kernels.paged_attention`,
-# `DecodePrologue`): one launch fewer per layer, same bits. QWEN3CODER_FOLD_QK_ROPE=0: a kernel of its own.
-FOLD_DECODE_PROLOGUE = os.environ.get("QWEN3CODER_FOLD_QK_ROPE", "1") != "0"
+# Opt-in (QWEN3CODER_FOLD_QK_ROPE=1): decode steps fold QK-norm, RoPE and the KV store into the attention
+# kernel (`kernels.paged_attention.DecodePrologue`): one launch fewer per layer, same bits, but slower on an
+# H200 at 30B-A3B decode (`qk_rope_unfolded` of benchmarks/bench_decode_variants.py,
+# benchmarks/results/decode_variants_30b-a3b-20261130T111135.json): batch 1 361.7-366.4 vs 380.6-382.4 tok/s,
+# batch 2 520-527 vs 538, batch 16 even. The split holding the new token norms, rotates and stores the key
+# before its tile loop can read it back, which lengthens the critical path more than the launch saved.
+FOLD_DECODE_PROLOGUE = os.environ.get("QWEN3CODER_FOLD_QK_ROPE", "0") == "1"
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -203,8 +207,8 @@ class Qwen3Attention(nn.Module):
     def _forward_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        ctx: ForwardContext) -> torch.Tensor:
         """q (views of the qkv projection: [N, Hq*D] or, gated, [N, Hq, D]), k, v [N, Hk*D] ->
-        attention output [N, Hq, D]; one kernel norms and rotates q and k and stores k and v — at decode
-        (unless `QWEN3CODER_FOLD_QK_ROPE=0`) the attention kernel itself, else a kernel of its own."""
+        attention output [N, Hq, D]; one kernel norms and rotates q and k and stores k and v — a kernel of
+        its own, or at decode with `FOLD_DECODE_PROLOGUE` the attention kernel itself."""
         from qwen3coder.kernels.paged_attention import DecodePrologue
         from qwen3coder.kernels.qk_norm_rope import fused_qk_norm_rope_store
 

@@ -253,17 +253,17 @@ def run(args: argparse.Namespace) -> str:
     scenario("offline_64x1024x128", offline(64, 1024, 128, "offline_64x1024x128_total_tok_s", True))
     profiles: dict[str, object] = {}
     if args.profile:
-        from qwen3coder.bench.profile import (graph_inputs, graph_replay_ms, profile_decode, profile_prefill,
-                                              without_pdl)
+        from qwen3coder.bench.profile import graph_replay_ms, profile_decode, profile_prefill, without_pdl
 
         # kernel attribution without programmatic dependent launch: with it, a kernel's recorded time
         # includes the wait for its predecessor, so per-family times overlap and exceed the step
-        steps_inputs: dict[str, dict] = {}  # each decode profile's last step, to replay it with PDL
+        steps_inputs: dict[str, dict] = {}  # each decode profile's last recorded step, to replay it with PDL
 
         def decode_profile(name: str, n: int, **kw) -> None:
-            profiles[name] = profile_decode(llm, n, cfg.vocab_size, **kw)
-            if (inputs := graph_inputs(llm)) is not None:
-                steps_inputs[name] = inputs
+            saved: dict[str, dict] = {}
+            profiles[name] = profile_decode(llm, n, cfg.vocab_size, saved=saved, **kw)
+            if "inputs" in saved:
+                steps_inputs[name] = saved["inputs"]
 
         with without_pdl(llm) as pdl_off:
             for n in (1, 16):

@@ -50,9 +50,9 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32, prompt_len
     """The figures of `steps` recorded decode steps, and `graph_replay_ms`: the decode graph alone (its
     kernels plus the gaps between them) replayed on the last recorded step. That step's graph inputs
     go to `saved["inputs"]` when `saved` is given, so the caller can replay the same step later (with
-    PDL on). Not the run's final step: greedy decoding with random weights drifts towards repeated
-    tokens, so late steps route a batch's rows to fewer distinct experts and replay faster than the
-    recorded ones (at batch 16, ~5.6 vs ~10.9 ms seen on an H200)."""
+    PDL on). Not the run's final step, which replayed much faster than the recorded steps at batch 16
+    on an H200 (5.6 vs ~10.9 ms): most likely greedy decoding with random weights drifts towards
+    repeated tokens, so a late step routes the batch's rows to fewer distinct experts."""
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)

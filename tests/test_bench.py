@@ -64,6 +64,40 @@ def test_graph_replay_puts_the_saved_step_back_first(monkeypatch):
     assert profile.graph_inputs(llm) is None and profile.graph_replay_ms(llm, 1) is None
 
 
+def test_replay_with_pdl_recaptures_around_the_replay(monkeypatch):
+    """The PDL replay of a profiled step: graphs recaptured with PDL (the static inputs, i.e. the step,
+    kept), one replay measure, then recaptured without PDL again, even when the measure fails."""
+    from types import SimpleNamespace
+
+    from qwen3coder.bench import profile, timing
+    from qwen3coder.kernels import pdl
+
+    events = []
+
+    class Runner:
+        graphs = {16: "graph-16"}
+
+        def recapture_graphs(self):
+            events.append(("recapture", pdl.pdl_enabled()))
+
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(runner=Runner()))
+    before = pdl.pdl_enabled()
+    try:
+        pdl.set_pdl_enabled(False)
+        monkeypatch.setattr(timing, "replay_ms", lambda graph, iters: events.append(("replay", pdl.pdl_enabled()))
+                            or 2.0)
+        assert profile._replay_with_pdl(llm, 10) == 2.0
+        assert events == [("recapture", True), ("replay", True), ("recapture", False)]
+        assert not pdl.pdl_enabled()
+        events.clear()
+        monkeypatch.setattr(timing, "replay_ms", lambda graph, iters: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            profile._replay_with_pdl(llm, 10)
+        assert events == [("recapture", True), ("recapture", False)] and not pdl.pdl_enabled()
+    finally:
+        pdl.set_pdl_enabled(before)
+
+
 def test_kernel_families():
     assert family_of("_paged_decode_kernel") == "attention"
     assert family_of("_paged_prefill_kernel") == "attention"

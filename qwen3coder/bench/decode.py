@@ -253,34 +253,25 @@ def run(args: argparse.Namespace) -> str:
     scenario("offline_64x1024x128", offline(64, 1024, 128, "offline_64x1024x128_total_tok_s", True))
     profiles: dict[str, object] = {}
     if args.profile:
-        from qwen3coder.bench.profile import graph_replay_ms, profile_decode, profile_prefill, without_pdl
+        from qwen3coder.bench.profile import profile_decode, profile_prefill, without_pdl
 
         # kernel attribution without programmatic dependent launch: with it, a kernel's recorded time
         # includes the wait for its predecessor, so per-family times overlap and exceed the step
-        steps_inputs: dict[str, dict] = {}  # each decode profile's last recorded step, to replay it with PDL
-
-        def decode_profile(name: str, n: int, **kw) -> None:
-            saved: dict[str, dict] = {}
-            profiles[name] = profile_decode(llm, n, cfg.vocab_size, saved=saved, **kw)
-            if "inputs" in saved:
-                steps_inputs[name] = saved["inputs"]
-
         with without_pdl(llm) as pdl_off:
             for n in (1, 16):
-                scenario(f"profile_bs{n}", lambda n=n: decode_profile(f"decode_bs{n}", n, steps=8 if quick else 32))
+                scenario(f"profile_bs{n}", lambda n=n: profiles.__setitem__(f"decode_bs{n}", profile_decode(
+                    llm, n, cfg.vocab_size, steps=8 if quick else 32, replay_with_pdl=pdl_off)))
             if not quick:  # the decode steps of the offline 10 x 2048 -> 1024 scenario (long contexts)
-                scenario("profile_bs10_ctx2k", lambda: decode_profile("decode_bs10_ctx2048", 10, steps=16,
-                                                                      prompt_len=2048))
+                scenario("profile_bs10_ctx2k", lambda: profiles.__setitem__("decode_bs10_ctx2048", profile_decode(
+                    llm, 10, cfg.vocab_size, steps=16, prompt_len=2048, replay_with_pdl=pdl_off)))
             n_p, p_len = (2, 128) if quick else (8, 1024)
             scenario("profile_prefill", lambda: profiles.__setitem__(
                 f"prefill_{n_p}x{p_len}", profile_prefill(llm, n_p, p_len, cfg.vocab_size)))
-        for name, prof in profiles.items():  # the decode graphs as they run: with PDL where it is on
+        for prof in profiles.values():  # the decode graphs as they run: with PDL where it is on
             prof["pdl_during_profile"] = not pdl_off and engine_info["pdl"]
-            if pdl_off and "graph_replay_ms" in prof and name in steps_inputs:
-                # the same step as the no-PDL replay (the graphs were recaptured; the inputs put back)
+            if "graph_replay_pdl_ms" in prof:  # the same step replayed without and with PDL
                 prof["graph_replay_nopdl_ms"] = prof.pop("graph_replay_ms")
-                if (replay := graph_replay_ms(llm, prof["batch"], steps_inputs[name])) is not None:
-                    prof["graph_replay_ms"] = replay
+                prof["graph_replay_ms"] = prof.pop("graph_replay_pdl_ms")
     if args.online_concurrency > 0:  # last: serving the engine shuts it down afterwards
         from qwen3coder.bench.online import online_throughput
 

@@ -46,13 +46,15 @@ def family_of(name: str) -> str:
 
 
 def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32, prompt_len: int = 128,
-                   saved: dict[str, dict] | None = None) -> dict[str, Any]:
+                   replay_with_pdl: bool = False) -> dict[str, Any]:
     """The figures of `steps` recorded decode steps, and `graph_replay_ms`: the decode graph alone (its
-    kernels plus the gaps between them) replayed on the last recorded step. That step's graph inputs
-    go to `saved["inputs"]` when `saved` is given, so the caller can replay the same step later (with
-    PDL on). Not the run's final step, which replayed much faster than the recorded steps at batch 16
-    on an H200 (5.6 vs ~10.9 ms): most likely greedy decoding with random weights drifts towards
-    repeated tokens, so a late step routes the batch's rows to fewer distinct experts."""
+    kernels plus the gaps between them) replayed on the last recorded step, while the run's requests
+    still hold their KV blocks. `replay_with_pdl` (the profile runs with PDL off, `without_pdl`): the
+    same step is also replayed through graphs recaptured with PDL (`graph_replay_pdl_ms`), then the
+    no-PDL graphs are recaptured for the rest of the profile. Replaying a saved step later, after other
+    requests reused its blocks, was not representative: a batch-16 step replayed in 5.6 ms instead of
+    its ~10.7 (H200), most likely because its rows then attend over other sequences' keys and route to
+    fewer distinct experts."""
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
@@ -62,16 +64,31 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32, prompt_len
     for _ in range(8):  # prefill and a few decode steps outside the recording
         engine.step()
     result = _record(llm, lambda: [engine.step() for _ in range(steps)], steps)
-    inputs = graph_inputs(llm)  # the last recorded step
-    if inputs is not None:
-        # replayed now, while the step's context is still in the KV cache (the bench runs without prefix
-        # caching: once the requests end, their blocks are only rewritten before they are read again)
-        result["graph_replay_ms"] = graph_replay_ms(llm, batch, inputs)
-        if saved is not None:
-            saved["inputs"] = inputs
+    replay = graph_replay_ms(llm, batch)  # the last recorded step: the static inputs still hold it
+    if replay is not None:
+        result["graph_replay_ms"] = replay
+        if replay_with_pdl:
+            result["graph_replay_pdl_ms"] = _replay_with_pdl(llm, batch)
     while engine.has_unfinished_requests():
         engine.step()
     return {"batch": batch, "prompt_len": prompt_len, **result}
+
+
+def _replay_with_pdl(llm: LLM, batch: int) -> float | None:
+    """`graph_replay_ms` of the step in the static inputs through graphs recaptured with PDL (recapture
+    keeps the static inputs); the graphs are captured without PDL again afterwards. Capturing runs the
+    graphs' warm-up steps, which write KV rows at the slots the static inputs hold: the profile's
+    remaining steps are only drained, never measured."""
+    from qwen3coder.kernels import pdl
+
+    runner = llm.llm_engine.runner
+    pdl.set_pdl_enabled(True)
+    try:
+        runner.recapture_graphs()
+        return graph_replay_ms(llm, batch)
+    finally:
+        pdl.set_pdl_enabled(False)
+        runner.recapture_graphs()
 
 
 @contextlib.contextmanager

@@ -16,10 +16,10 @@ At batch-1 decode a Qwen3-MoE layer enters its FFN through three dependent, late
 4. each program then counts itself on an arrival counter (a CTA barrier, then an acquire-release
    atomic: a program's logits stores happen before its arrival, and the last arriver's loads after
    it); the last program to arrive runs the one-program routing over all N rows
-   (`moe_routing.route_align_rows`: softmax, top-k, renormalisation, the expert-sorted layout) and
-   resets the counter to 0, so one counter serves every layer, step and graph replay (launches of
-   this kernel never overlap: each waits for its predecessor, and so for every earlier kernel, before
-   touching memory).
+   (`moe_routing.route_align_rows`: softmax, top-k, renormalisation, and — unless the caller needs
+   none, as the MoE GEMVs of `kernels.moe_gemv` — the expert-sorted layout) and resets the counter
+   to 0, so one counter serves every layer, step and graph replay (launches of this kernel never
+   overlap: each waits for its predecessor, and so for every earlier kernel, before touching memory).
 
 One row per program, not a loop over rows in each program: with a loop, a batch of 16 paid 16 serial
 row latencies (H200, 30B-A3B decode: batch 1 331 -> 343 tok/s but batch 16 1,457 -> 1,348).

@@ -102,22 +102,31 @@ def test_without_alignment_same_routing(n):
     assert nr._arrival_counter(residual.device).item() == 0
 
 
+def _bf16_block(hidden_size: int, experts: int, top_k: int, inter: int, std: float, seed: int):
+    """A bf16 SparseMoeBlock (normal weights of `std`, top-k sum folded), its post-attention norm and one
+    row of hidden state and residual."""
+    from qwen3coder.models.layers import moe as moe_mod
+    from qwen3coder.models.layers.norms import RMSNorm
+
+    torch.manual_seed(seed)
+    block = moe_mod.SparseMoeBlock(hidden_size, experts, top_k, inter, True).to(DEV, torch.bfloat16)
+    for prm in block.parameters():
+        torch.nn.init.normal_(prm, std=std)
+    block.fold_topk_sum = True
+    norm = RMSNorm(hidden_size).to(DEV, torch.bfloat16)
+    hidden = torch.randn(1, hidden_size, device=DEV, dtype=torch.bfloat16)
+    residual = torch.randn(1, hidden_size, device=DEV, dtype=torch.bfloat16)
+    return block, norm, hidden, residual
+
+
 def test_block_skips_alignment_for_moe_gemv(monkeypatch):
     """Rows that the MoE GEMVs take: `forward_with_norm` asks the fused launch for no alignment, with
     the same result as with it (bf16, the interpreter on the CPU)."""
     from qwen3coder.kernels import moe_gemv as mg
     from qwen3coder.kernels.gemv import GemvConfig
     from qwen3coder.models.layers import moe as moe_mod
-    from qwen3coder.models.layers.norms import RMSNorm
 
-    torch.manual_seed(2)
-    block = moe_mod.SparseMoeBlock(64, 16, 4, 32, True).to(DEV, torch.bfloat16)
-    for prm in block.parameters():
-        torch.nn.init.normal_(prm, std=0.2)
-    block.fold_topk_sum = True
-    norm = RMSNorm(64).to(DEV, torch.bfloat16)
-    hidden = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
-    residual = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
+    block, norm, hidden, residual = _bf16_block(64, 16, 4, 32, std=0.2, seed=2)
     monkeypatch.setattr(mg, "TUNED", {(1, 64, 32): mg.MoEGemvConfig(GemvConfig(1024, 4), GemvConfig(1024, 4))})
     monkeypatch.setattr(moe_mod, "use_triton", lambda t: True)
     monkeypatch.setattr(moe_mod, "FUSED_NORM_ROUTER", True)
@@ -204,16 +213,8 @@ def test_gpu_block_fused_vs_unfused_and_graph(monkeypatch):
     experts, which the comparison excludes by routing both from the same logits), and the fused path
     replays in a CUDA graph with the same result."""
     from qwen3coder.models.layers import moe as moe_mod
-    from qwen3coder.models.layers.norms import RMSNorm
 
-    torch.manual_seed(0)
-    block = moe_mod.SparseMoeBlock(2048, 128, 8, 768, True).to(DEV, torch.bfloat16)
-    for prm in block.parameters():
-        torch.nn.init.normal_(prm, std=0.02)
-    block.fold_topk_sum = True
-    norm = RMSNorm(2048).to(DEV, torch.bfloat16)
-    hidden = torch.randn(1, 2048, device=DEV, dtype=torch.bfloat16)
-    residual = torch.randn(1, 2048, device=DEV, dtype=torch.bfloat16)
+    block, norm, hidden, residual = _bf16_block(2048, 128, 8, 768, std=0.02, seed=0)
     with torch.no_grad():
         monkeypatch.setattr(moe_mod, "FUSED_NORM_ROUTER", False)
         ref, ref_res = block.forward_with_norm(hidden, residual, norm)

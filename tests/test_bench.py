@@ -34,9 +34,9 @@ def test_bench_quick_cpu_with_profile(tmp_path):
     assert pre["steps"] >= 1 and pre["prefill_tok_s"] > 0 and pre["families_ms_per_step"]
 
 
-def test_graph_replay_puts_the_saved_step_back_first(monkeypatch):
-    """`graph_replay_ms(llm, batch, inputs)` replays the bucket's graph on the saved step's inputs, so a
-    replay measured after other steps ran (the PDL-on replay, after every profile) times that step."""
+def test_graph_replay_takes_the_batch_bucket(monkeypatch):
+    """`graph_replay_ms(llm, batch)` replays the graph of the smallest bucket that holds `batch`, on
+    the step its static inputs hold; None without graphs or without a bucket that large."""
     from types import SimpleNamespace
 
     from qwen3coder.bench import profile, timing
@@ -46,22 +46,15 @@ def test_graph_replay_puts_the_saved_step_back_first(monkeypatch):
     class Runner:
         graphs = {1: "graph-1", 2: "graph-2", 16: "graph-16"}
 
-        def graph_inputs(self):
-            return {"g_seq_lens": "now"}
-
-        def set_graph_inputs(self, saved):
-            events.append(("set", saved["g_seq_lens"]))
-
     llm = SimpleNamespace(llm_engine=SimpleNamespace(runner=Runner()))
     monkeypatch.setattr(timing, "replay_ms", lambda graph, iters: events.append(("replay", graph)) or 1.23456)
-    saved = profile.graph_inputs(llm)
-    assert profile.graph_replay_ms(llm, 10, saved) == 1.235
-    assert events == [("set", "now"), ("replay", "graph-16")]
+    assert profile.graph_replay_ms(llm, 10) == 1.235
+    assert events == [("replay", "graph-16")]
     events.clear()
     assert profile.graph_replay_ms(llm, 1) == 1.235 and events == [("replay", "graph-1")]
     assert profile.graph_replay_ms(llm, 17) is None  # no bucket that large
     Runner.graphs = {}
-    assert profile.graph_inputs(llm) is None and profile.graph_replay_ms(llm, 1) is None
+    assert profile.graph_replay_ms(llm, 1) is None
 
 
 def test_replay_with_pdl_recaptures_around_the_replay(monkeypatch):

@@ -111,17 +111,9 @@ def without_pdl(llm: LLM) -> Iterator[bool]:
         runner.recapture_graphs()
 
 
-def graph_inputs(llm: LLM) -> dict[str, torch.Tensor] | None:
-    """The decode graphs' static inputs as they are now (the last decode step's), or None without graphs:
-    `graph_replay_ms(..., inputs=)` replays that step again later, after other steps ran."""
-    runner = llm.llm_engine.runner
-    return runner.graph_inputs() if getattr(runner, "graphs", None) else None
-
-
-def graph_replay_ms(llm: LLM, batch: int, inputs: dict[str, torch.Tensor] | None = None,
-                    iters: int = 50) -> float | None:
-    """ms per replay of the CUDA graph that serves decode batches of `batch` (None: no graphs), on
-    `inputs` (from `graph_inputs`) when given, else on whatever step the static inputs hold."""
+def graph_replay_ms(llm: LLM, batch: int, iters: int = 50) -> float | None:
+    """ms per replay of the CUDA graph that serves decode batches of `batch` (None: no graphs), on the
+    step its static inputs hold."""
     runner = llm.llm_engine.runner
     graphs = getattr(runner, "graphs", None)
     if not graphs:
@@ -131,8 +123,6 @@ def graph_replay_ms(llm: LLM, batch: int, inputs: dict[str, torch.Tensor] | None
         return None
     from qwen3coder.bench.timing import replay_ms
 
-    if inputs is not None:
-        runner.set_graph_inputs(inputs)
     return round(replay_ms(graphs[bucket], iters), 3)
 
 

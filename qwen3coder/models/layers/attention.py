@@ -75,13 +75,13 @@ class PagedAttention(nn.Module):
         step on the Triton path with `prologue` (`kernels.paged_attention.DecodePrologue`), are written
         by the attention kernel itself from the raw projections."""
         assert self.k_cache is not None, "KV cache not allocated (qwen3coder.models.cache.allocate_kv_cache)"
+        assert prologue is None or (use_triton(q) and ctx.is_decode), "the folded prologue is for Triton decode"
         if use_triton(q):
             if ctx.is_decode:
                 from qwen3coder.kernels.paged_attention import paged_attention_decode
 
                 return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.seq_lens,
                                               self.scale, max_seq_len=max(ctx.seq_lens_cpu), prologue=prologue)
-            assert prologue is None, "the folded prologue is for decode steps only"
             from qwen3coder.kernels import paged_prefill
 
             # prefill, chunked prefill and mixed prefill+decode steps: one launch for the whole batch

@@ -165,8 +165,8 @@ class SparseMoeBlock(nn.Module):
                                                     self.gate.weight, self.top_k, self.norm_topk_prob,
                                                     moe_block_m(n * self.top_k), align=align)
         reduce = not self.fold_topk_sum
-        out = self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert) if align else None,
-                           reduce=reduce)
+        # without the layout (None, None): the GEMVs need none
+        out = self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert), reduce=reduce)
         return (out if reduce else TopKPartials(out)), residual
 
     def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor, reduce: bool = True

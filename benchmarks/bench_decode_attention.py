@@ -1,25 +1,27 @@
-"""Decode attention: the floor of 64-token tiles per split swept at the 30B-A3B shape (CUDA graphs).
+"""Decode attention launch configurations swept at the 30B-A3B shape (CUDA graphs).
 
-`paged_attention_decode` (`qwen3coder.kernels.paged_attention`) at the Qwen3-Coder-30B-A3B shape, its
-`min_tiles_per_split` swept under the split count of a decode graph.
+`paged_attention_decode` (`qwen3coder.kernels.paged_attention`) at the Qwen3-Coder-30B-A3B shape, timed
+for every combination of a split policy, a pipelining depth, a warp count and a floor of tiles per split.
 
     python benchmarks/bench_decode_attention.py [--batches 1,4,16] [--contexts 160,300,600,2048,8192]
-        [--extra 10x2048] [--min-tiles 1,2,4,8,16] [--bound 32832] [--time-budget 50] [--out-dir DIR]
+        [--extra 10x2048] [--splits graph,pps4,pps8,1] [--stages 3] [--warps 4] [--min-tiles 1]
+        [--bound 32832] [--time-budget 50] [--out-dir DIR]
 
-Shape: 32 query / 4 KV heads, head_dim 128, bf16, cache block 16 (the engine's default). For every
-(batch, context) — all sequences of the batch at that context — the split count is the one a CUDA
-graph captured with the `--bound` (max_model_len) upper bound gets, `choose_num_splits(batch, 4,
-bound)`, and `paged_attention_decode` is timed for each floor (1 = no floor, as before the floor
-existed) and, for reference, with a single split (`S=1`: no merge kernel, one program per (sequence,
-KV head)). `used` is the number of splits that do work per sequence (`splits_used`).
+Shape: 32 query / 4 KV heads, head_dim 128, bf16, cache block 16 (the engine's default). All sequences of
+a (batch, context) case have that context. Split policies: `graph` is the count a CUDA graph captured with
+the `--bound` (max_model_len) upper bound gets, `choose_num_splits(batch, 4, bound)`; `ppsK` the same with
+`PROGRAMS_PER_SM = K` (the default is 2); an integer is a fixed count (`1`: one program per (sequence, KV
+head), no merge kernel). `--stages` is the tile loop's `num_stages` (1 = not pipelined), `--warps` the
+split kernel's `num_warps`, `--min-tiles` the floor of 64-token tiles per split (1 = none). `used` is the
+number of splits that do work per sequence (`splits_used`).
 
 Timing: enough distinct KV caches (> 3x the L2, at least 2 — one per "layer") called in turn inside one
 CUDA graph and replayed (`qwen3coder.bench.timing.cuda_graph_us`), so the keys and values stream from
 HBM as in a decode step over 48 layers; µs per call, split and merge kernels together (PDL as the
 engine launches them). Every configuration is checked against `paged_attention_reference` (fp32 query,
-bf16 caches; `max_abs_diff`, expected <~ 1e-2). Prints a table, the best floor per (batch, context) and
-the floor with the smallest worst-case slowdown against the per-case best, and writes
-benchmarks/results/decode_attention_30b-a3b-*.json. Needs CUDA; `--help` runs anywhere.
+bf16 caches; `max_abs_diff`, expected <~ 1e-2). Prints a table, the best configuration per (batch,
+context) and the configuration with the smallest worst-case slowdown against the per-case best, and
+writes benchmarks/results/decode_attention_30b-a3b-*.json. Needs CUDA; `--help` runs anywhere.
 """
 
 from __future__ import annotations
@@ -61,10 +63,40 @@ def _rotating(calls: int, fn: Callable[[int], object]) -> Callable[[], object]:
     return step
 
 
-def bench_case(batch: int, ctx: int, min_tiles: list[int], bound: int, l2: int) -> dict:
-    """One (batch, context): µs per call for each floor and for S=1, splits used, errors."""
+def parse_configs(splits: str, stages: str, warps: str, min_tiles: str) -> list[tuple[str, int, int, int]]:
+    """(split policy, num_stages, num_warps, min_tiles) combinations, in that nesting order."""
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x]
+    policies = [x for x in splits.split(",") if x]
+    for pol in policies:
+        if not (pol == "graph" or pol.isdigit() or (pol.startswith("pps") and pol[3:].isdigit())):
+            raise SystemExit(f"--splits: {pol!r} is not 'graph', 'ppsK' or an integer")
+    return [(pol, st, w, mt) for pol in policies for st in ints(stages) for w in ints(warps) for mt in ints(min_tiles)]
+
+
+def config_label(config: tuple[str, int, int, int]) -> str:
+    """A short name: policy/stages/warps, with the floor when it is not 1."""
+    pol, st, w, mt = config
+    return f"{pol}/st{st}/w{w}" + (f"/mt{mt}" if mt != 1 else "")
+
+
+def split_count(policy: str, batch: int, bound: int, dev: torch.device) -> int:
+    """The split count a policy gives for `batch` sequences under the length bound."""
+    from qwen3coder.kernels import paged_attention as pa
+    if policy.isdigit():
+        return int(policy)
+    pps = int(policy[3:]) if policy.startswith("pps") else pa.PROGRAMS_PER_SM
+    saved, pa.PROGRAMS_PER_SM = pa.PROGRAMS_PER_SM, pps
+    try:
+        return pa.choose_num_splits(batch, KV_HEADS, bound, dev)
+    finally:
+        pa.PROGRAMS_PER_SM = saved
+
+
+def bench_case(batch: int, ctx: int, configs: list[tuple[str, int, int, int]], bound: int, l2: int) -> dict:
+    """One (batch, context): µs per call and splits used for each configuration, the largest error."""
     from qwen3coder.bench.timing import cuda_graph_us
-    from qwen3coder.kernels.paged_attention import choose_num_splits, paged_attention_decode, splits_used
+    from qwen3coder.kernels.paged_attention import paged_attention_decode, splits_used
     from qwen3coder.models.context import ForwardContext
     from qwen3coder.models.layers.attention import paged_attention_reference
 
@@ -83,32 +115,33 @@ def bench_case(batch: int, ctx: int, min_tiles: list[int], bound: int, l2: int) 
               for _ in range(copies)]
     qs = [torch.randn(batch, HEADS, HEAD_DIM, device=dev, dtype=dtype) for _ in range(min(copies, 8))]
     scale = HEAD_DIM ** -0.5
-    num_splits = choose_num_splits(batch, KV_HEADS, bound, dev)
     ctx_obj = ForwardContext.build([1] * batch, [ctx] * batch, table[:, :blocks_per_seq].tolist(), BLOCK,
                                    device="cuda")
     expected = paged_attention_reference(qs[0].float(), caches[0][0], caches[0][1], ctx_obj, scale)
     reps = copies * -(-48 // copies)
     iters = 10 if reps >= 256 else 20
 
-    def run(splits: int, mt: int) -> tuple[float, float]:
+    def run(splits: int, stages: int, warps: int, mt: int) -> tuple[float, float]:
         def call(i: int) -> torch.Tensor:
             k, v = caches[i]
             return paged_attention_decode(qs[i % len(qs)], k, v, table, lens, scale, num_splits=splits,
-                                          min_tiles_per_split=mt)
+                                          min_tiles_per_split=mt, num_warps=warps, num_stages=stages)
         err = (call(0).float() - expected).abs().max().item()
         return cuda_graph_us(_rotating(copies, call), reps, iters=iters), err
 
-    row: dict = {"batch": batch, "ctx": ctx, "num_splits": num_splits, "copies": copies,
-                 "kv_mb_per_call": round(kv_bytes(batch, ctx) / 2 ** 20, 2), "us": {}, "used": {},
-                 "max_abs_diff": 0.0}
-    for mt in min_tiles:
-        us, err = run(num_splits, mt)
-        row["us"][mt] = round(us, 2)
-        row["used"][mt] = splits_used(ctx, num_splits, mt)
+    row: dict = {"batch": batch, "ctx": ctx, "graph_splits": split_count("graph", batch, bound, dev),
+                 "copies": copies, "kv_mb_per_call": round(kv_bytes(batch, ctx) / 2 ** 20, 2), "us": {},
+                 "splits": {}, "used": {}, "max_abs_diff": 0.0}
+    for config in configs:
+        pol, st, w, mt = config
+        splits = split_count(pol, batch, bound, dev)
+        us, err = run(splits, st, w, mt)
+        label = config_label(config)
+        row["us"][label] = round(us, 2)
+        row["splits"][label] = splits
+        row["used"][label] = splits_used(ctx, splits, mt)
         row["max_abs_diff"] = max(row["max_abs_diff"], err)
-    us, err = run(1, 1)
-    row["s1_us"] = round(us, 2)
-    row["max_abs_diff"] = round(max(row["max_abs_diff"], err), 5)
+    row["max_abs_diff"] = round(row["max_abs_diff"], 5)
     row["best"] = min(row["us"], key=row["us"].get)
     row["tbps_best"] = round(kv_bytes(batch, ctx) / row["us"][row["best"]] / 1e6, 2)
     del caches
@@ -116,10 +149,10 @@ def bench_case(batch: int, ctx: int, min_tiles: list[int], bound: int, l2: int) 
     return row
 
 
-def suggest(rows: list[dict], min_tiles: list[int]) -> tuple[int, dict[int, float]]:
-    """The floor whose worst slowdown against each case's best is smallest, and every floor's worst."""
-    worst = {mt: max(r["us"][mt] / r["us"][r["best"]] for r in rows) for mt in min_tiles}
-    return min(worst, key=worst.get), {mt: round(w, 3) for mt, w in worst.items()}
+def suggest(rows: list[dict], labels: list[str]) -> tuple[str, dict[str, float]]:
+    """The configuration whose worst slowdown against each case's best is smallest, and every one's worst."""
+    worst = {lb: max(r["us"][lb] / r["us"][r["best"]] for r in rows) for lb in labels}
+    return min(worst, key=worst.get), {lb: round(w, 3) for lb, w in worst.items()}
 
 
 def main() -> None:
@@ -127,24 +160,28 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--contexts", default="160,300,600,2048,8192")
     ap.add_argument("--extra", default="10x2048", help='more (batch, context) cases, "BxC,BxC"')
-    ap.add_argument("--min-tiles", default="1,2,4,8,16", help="floors of tiles per split to time")
+    ap.add_argument("--splits", default="graph,pps4,pps8,1", help="split policies: graph, ppsK or a count")
+    ap.add_argument("--stages", default="3", help="num_stages of the tile loop to time (1 = not pipelined)")
+    ap.add_argument("--warps", default="4", help="num_warps of the split kernel to time")
+    ap.add_argument("--min-tiles", default="1", help="floors of tiles per split to time (1 = none)")
     ap.add_argument("--bound", type=int, default=BOUND, help="max_model_len the graph's split count is for")
     ap.add_argument("--time-budget", type=float, default=50.0, help="seconds; later cases are skipped")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
+    configs = parse_configs(args.splits, args.stages, args.warps, args.min_tiles)
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode_attention needs a CUDA device")
     from qwen3coder.bench.results import write_result
-    from qwen3coder.kernels.paged_attention import MIN_TILES_PER_SPLIT
+    from qwen3coder.kernels import paged_attention as pa
     from qwen3coder.kernels.pdl import use_pdl
 
     t0 = time.time()
     torch.manual_seed(0)
     cases = parse_cases(args.batches, args.contexts, args.extra)
-    min_tiles = [int(x) for x in args.min_tiles.split(",")]
+    labels = [config_label(c) for c in configs]
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2 ** 20)
-    head = f"{'batch':>5} {'ctx':>5} {'S':>3} | " + " ".join(f"{'mt=' + str(m):>8}" for m in min_tiles) + \
-        f" | {'S=1':>7} | best  used(best)"
+    width = max(9, *(len(lb) for lb in labels))
+    head = f"{'batch':>5} {'ctx':>5} | " + " ".join(f"{lb:>{width}}" for lb in labels) + " | best"
     print(head + "\n" + "-" * len(head), flush=True)
     rows: list[dict] = []
     skipped: list[tuple[int, int]] = []
@@ -153,28 +190,29 @@ def main() -> None:
             if time.time() - t0 > args.time_budget:
                 skipped.append((batch, ctx))
                 continue
-            r = bench_case(batch, ctx, min_tiles, args.bound, l2)
+            r = bench_case(batch, ctx, configs, args.bound, l2)
             rows.append(r)
-            timings = " ".join(f"{r['us'][m]:>8.2f}" for m in min_tiles)
+            timings = " ".join(f"{r['us'][lb]:>{width - 5}.2f} S{r['splits'][lb]:<3}" for lb in labels)
             error = f"  ERROR {r['max_abs_diff']:.3g}" if r["max_abs_diff"] > 2e-2 else ""
-            print(f"{batch:>5} {ctx:>5} {r['num_splits']:>3} | {timings} | {r['s1_us']:>7.2f} | {r['best']:>4}  "
-                  f"{r['used'][r['best']]:>4}{error}", flush=True)
+            print(f"{batch:>5} {ctx:>5} | {timings} | {r['best']} {r['tbps_best']} TB/s{error}", flush=True)
     if skipped:
         print(f"[decode-attn] out of time, skipped {skipped}", flush=True)
-    best, worst = suggest(rows, min_tiles) if rows else (None, {})
-    print("\nbest min_tiles per (batch, ctx): "
+    best, worst = suggest(rows, labels) if rows else (None, {})
+    print("\nbest configuration per (batch, ctx): "
           + ", ".join(f"({r['batch']}, {r['ctx']}): {r['best']}" for r in rows), flush=True)
-    print(f"worst slowdown vs per-case best, per min_tiles: {worst}; suggested MIN_TILES_PER_SPLIT = {best} "
-          f"(current {MIN_TILES_PER_SPLIT})", flush=True)
+    print(f"worst slowdown vs per-case best: {worst}; best overall: {best} (current: graph/st{pa.NUM_STAGES}/"
+          f"w{pa.NUM_WARPS}, PROGRAMS_PER_SM = {pa.PROGRAMS_PER_SM})", flush=True)
     print(f"[decode-attn] {time.time() - t0:.0f} s", flush=True)
     metrics = {f"bs{r['batch']}_ctx{r['ctx']}": r for r in rows}
     metrics["best"] = {f"bs{r['batch']}_ctx{r['ctx']}": r["best"] for r in rows}
     metrics["worst_slowdown"] = worst
-    metrics["suggested_min_tiles"] = best
+    metrics["best_overall"] = best
     write_result("decode_attention_30b-a3b", metrics,
                  extra={"shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                                   "block_size": BLOCK, "dtype": "bfloat16"},
-                        "bound": args.bound, "min_tiles": min_tiles, "current_default": MIN_TILES_PER_SPLIT,
+                        "bound": args.bound, "configs": labels,
+                        "defaults": {"programs_per_sm": pa.PROGRAMS_PER_SM, "num_stages": pa.NUM_STAGES,
+                                     "num_warps": pa.NUM_WARPS, "min_tiles": pa.MIN_TILES_PER_SPLIT},
                         "pdl": use_pdl(torch.device("cuda")), "skipped": skipped,
                         "timing": "CUDA graph replay over distinct KV caches (> 3x L2)",
                         "seconds": round(time.time() - t0, 1)}, out_dir=args.out_dir)

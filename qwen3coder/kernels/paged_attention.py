@@ -72,6 +72,9 @@ MIN_TILES_PER_SPLIT = 1
 # the atomics and L2 reads of the last split cost more than a merge launch that PDL overlaps.
 LAST_SPLIT_MERGE = os.environ.get("QWEN3CODER_LAST_SPLIT_MERGE", "0") == "1"
 MERGE_CHUNK = 4  # splits whose partial outputs the merging program holds at once
+PROGRAMS_PER_SM = 2  # split programs `choose_num_splits` aims at per SM
+NUM_WARPS = 4  # warps of a split program
+NUM_STAGES = 3  # software-pipelining depth of the tile loop (Triton's default on CUDA)
 _CPU_SMS = 8  # stand-in SM count off the GPU (Triton's interpreter)
 _LOG2E = 1.4426950408889634
 
@@ -296,9 +299,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, bound: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head): about two programs per SM, at most one per `TILE` tokens of
-    the host-side length `bound` and at most `MAX_SPLITS`. Host integers only (graph-safe)."""
-    fill = triton.next_power_of_2(triton.cdiv(2 * _num_sms(device), max(1, num_seqs * num_kv_heads)))
+    """Splits per (sequence, KV head): about `PROGRAMS_PER_SM` programs per SM, at most one per `TILE`
+    tokens of the host-side length `bound` and at most `MAX_SPLITS`. Host integers only (graph-safe)."""
+    fill = triton.next_power_of_2(triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), max(1, num_seqs * num_kv_heads)))
     return max(1, min(MAX_SPLITS, triton.cdiv(max(1, bound), TILE), fill))
 
 
@@ -353,7 +356,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int | None = None, num_splits: int | None = None,
                            min_tiles_per_split: int | None = None, last_split_merge: bool | None = None,
-                           prologue: DecodePrologue | None = None) -> torch.Tensor:
+                           prologue: DecodePrologue | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None) -> torch.Tensor:
     """Decode attention: q [N, Hq, D] (one token per sequence) -> [N, Hq, D].
 
     Caches are `[blocks, block_size, Hk, D]`; `block_tables` [N, width] int32 (entries past a
@@ -365,7 +369,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     kernel argument, so changing it compiles nothing. `last_split_merge` (None: `LAST_SPLIT_MERGE`):
     merge the splits in the attention kernel, no merge launch. `prologue`: q (then any token/head
     strides) and the prologue's k/v are the step's raw projections; the kernel norms and rotates them
-    and stores k/v in the cache first, with the same arithmetic as `fused_qk_norm_rope_store` (same bits)."""
+    and stores k/v in the cache first, with the same arithmetic as `fused_qk_norm_rope_store` (same bits).
+    `num_warps` / `num_stages` (None: `NUM_WARPS` / `NUM_STAGES`) are the split kernel's launch options."""
     assert triton is not None, "triton is not installed"
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -399,7 +404,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1), num_splits, num_heads, min_tiles, **_prologue_args(prologue, q),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, MERGE=merge_here, SPLITS_PAD=splits_pad,
-        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=4, **pdl_launch(q.device))
+        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=num_warps or NUM_WARPS,
+        num_stages=num_stages or NUM_STAGES, **pdl_launch(q.device))
     if split and not merge_here:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
             m, l, acc, seq_lens, out, num_splits, num_heads, min_tiles, out.stride(0), out.stride(1),

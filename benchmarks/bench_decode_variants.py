@@ -9,14 +9,15 @@ dependent launch off or wait-first (`kernels.pdl`), the fused post-attention nor
 `kernels.norm_router.ROUTER_TILE`), batch-1 fused-MoE tiles (`kernels.fused_moe._DECODE_TINY`), qkv_proj
 on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV's shapes and tiles
 (`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles (`kernels.moe_gemv.TUNED`),
-decode attention's splits merged by the last to arrive (`kernels.paged_attention.LAST_SPLIT_MERGE`),
+decode attention's splits merged by the last to arrive (`kernels.paged_attention.LAST_SPLIT_MERGE`) and its
+first tile loaded after the PDL wait (`kernels.paged_attention.EARLY_KV` off),
 the routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`),
 the routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in decode
 attention or in a kernel of its own (`models.layers.attention.FOLD_DECODE_PROLOGUE`);
 `a+b` runs two variants together. The decode CUDA graphs
 bake such choices in, so they are recaptured per variant; then decode tokens/s at each batch
-(`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run). A variant is only as good as
-its timing noise: run-to-run differences of ~1% were seen on an H200, so the baseline runs first and
+(`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run, `--prompt-len` prompts). A
+variant is only as good as its timing noise: run-to-run differences of ~1% were seen on an H200, so the baseline runs first and
 last. JSON under benchmarks/results/ (`decode_variants_<preset>-*.json`).
 """
 
@@ -83,6 +84,7 @@ VARIANTS: dict[str, Any] = {
     "moe_tiles_down32x256w8": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 8, 3)))],
     **{f"router_tile_{t // 1024}k": (lambda t=t: [(nr, "ROUTER_TILE", t)]) for t in (2048, 4096, 8192)},
     "attn_last_split_merge": lambda: [(pa, "LAST_SPLIT_MERGE", True)],
+    "attn_early_kv_off": lambda: [(pa, "EARLY_KV", False)],
     "no_gemv": lambda: [(gv, "TUNED", {})],
     "gemv_oproj_4k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(4096, 4)})],
     "gemv_oproj_16k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(16384, 4)})],
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--variants", default="all", help=f"comma-separated from {', '.join(VARIANTS)}, or all")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--out-len", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of every sequence")
     ap.add_argument("--max-model-len", type=int, default=32768 + 64)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
@@ -167,8 +170,9 @@ def main(argv: list[str] | None = None) -> str:
             with applied(patches_of(name)):
                 if hasattr(runner, "recapture_graphs"):
                     runner.recapture_graphs()
-                results[key] = {f"decode_bs{b}_tok_s": round(decode_tok_s(llm, b, cfg.vocab_size, args.out_len, dev), 2)
-                                for b in batches}
+                results[key] = {
+                    f"decode_bs{b}_tok_s": round(decode_tok_s(llm, b, cfg.vocab_size, args.out_len, dev,
+                                                              args.prompt_len), 2) for b in batches}
         except Exception as e:  # one broken variant must not lose the others
             errors[key] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -178,6 +182,7 @@ def main(argv: list[str] | None = None) -> str:
         runner.recapture_graphs()  # the defaults again (nothing else runs after, but leave it clean)
     return write_result(f"decode_variants_{args.preset}", results,
                         extra={"preset": args.preset, "batches": batches, "out_len": args.out_len,
+                               "prompt_len": args.prompt_len,
                                "errors": errors}, out_dir=args.out_dir)
 
 

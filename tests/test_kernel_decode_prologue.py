@@ -95,3 +95,49 @@ def test_gpu_30b_shape_graph_splits(seq_lens):
     q, p, k_cache, v_cache, ctx = _case(seq_lens, 32, 4, 128, RopeConfig(theta=1e7), False, False, 16,
                                         torch.bfloat16, seed=len(seq_lens))
     _assert_fold_equals_two_launches(q, p, k_cache, v_cache, ctx, max_seq_len=32768)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a CUDA device of compute capability >= 9.0 (PDL)")
+def test_gpu_step_token_read_after_the_wait():
+    """With PDL the decode attention loads its first tile of earlier tokens before its wait, while
+    `fused_qk_norm_rope_store` may still be storing the step's key and value: the step's token must be
+    read after the wait. Each round puts stale values in the step's slots (a non-PDL fill), stores the
+    step's key/value and attends, 32 rounds in one CUDA graph: every output equals a launch without PDL."""
+    from qwen3coder.kernels import pdl
+
+    seq_lens = [129, 1, 100, 2000, 64, 65, 300, 4096]
+    q, p, k_cache, v_cache, ctx = _case(seq_lens, 32, 4, 128, RopeConfig(theta=1e7), False, False, 16,
+                                        torch.bfloat16, seed=3)
+    blocks, offsets = p.slot_mapping // 16, p.slot_mapping % 16
+
+    def step() -> torch.Tensor:
+        k_cache[blocks, offsets] = 7.0  # stale: what an earlier user of the slot left
+        v_cache[blocks, offsets] = -7.0
+        q_a = fused_qk_norm_rope_store(q, p.k, p.v, p.q_weight, p.k_weight, p.eps, p.cos, p.sin, k_cache, v_cache,
+                                       p.slot_mapping)
+        return paged_attention_decode(q_a, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, 128 ** -0.5,
+                                      max_seq_len=32768)
+
+    before = pdl.pdl_enabled()
+    try:
+        pdl.set_pdl_enabled(False)
+        expected = step().clone()
+        pdl.set_pdl_enabled(True)
+        assert pdl.use_pdl(q.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # compile and warm up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [step() for _ in range(32)]
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            for out in outs:
+                assert torch.equal(out, expected)
+    finally:
+        pdl.set_pdl_enabled(before)

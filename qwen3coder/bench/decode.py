@@ -54,11 +54,12 @@ def _timed_generate(llm: LLM, prompts: list[dict], max_tokens: int, device: str)
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def decode_tok_s(llm: LLM, batch: int, vocab: int, out_len: int, device: str) -> float:
-    """Output tokens/s of the decode phase: (run with out_len tokens) - (run with 1 token)."""
-    _timed_generate(llm, _prompts(batch, 128, vocab, seed=batch + 2000), 2, device)  # warm-up
-    t_first, _ = _timed_generate(llm, _prompts(batch, 128, vocab, seed=batch), 1, device)
-    t_all, n_out = _timed_generate(llm, _prompts(batch, 128, vocab, seed=batch + 1000), out_len, device)
+def decode_tok_s(llm: LLM, batch: int, vocab: int, out_len: int, device: str, prompt_len: int = 128) -> float:
+    """Output tokens/s of the decode phase: (run with out_len tokens) - (run with 1 token), prompts of
+    `prompt_len` tokens."""
+    _timed_generate(llm, _prompts(batch, prompt_len, vocab, seed=batch + 2000), 2, device)  # warm-up
+    t_first, _ = _timed_generate(llm, _prompts(batch, prompt_len, vocab, seed=batch), 1, device)
+    t_all, n_out = _timed_generate(llm, _prompts(batch, prompt_len, vocab, seed=batch + 1000), out_len, device)
     if t_all <= t_first:
         raise RuntimeError(f"decode time not measurable: {out_len} tokens took {t_all:.4f}s, the first "
                            f"token alone {t_first:.4f}s (use more output tokens)")

@@ -22,7 +22,10 @@ load, store or early return):
    kernel in the stream completed — so a kernel sees everything written before it in stream order,
    and the caching allocator's reuse of a buffer that an earlier kernel still reads is safe, as
    without PDL. (Weights, which no kernel writes, may be read before the wait: `kernels.norm_router`
-   loads its router rows first.)
+   loads its router rows first. So may what only the host or earlier steps wrote: the decode attention
+   of `kernels.paged_attention` loads the lengths, the block table and its first tile of earlier
+   tokens' keys and values between `pdl_launch_dependents` and `pdl_wait`, the two halves of
+   `pdl_prologue`.)
 
 `QWEN3CODER_PDL=wait-first` swaps the two (wait, then let the next grid launch: at most two grids
 resident). Measured on an H200 at batch-1 decode of the 30B-A3B (decode graphs, dummy weights): no PDL
@@ -107,9 +110,35 @@ if _HAS_GDC:
             gdc_launch_dependents()
             gdc_wait()
 
+    @triton.jit
+    def pdl_launch_dependents(PDL: tl.constexpr):
+        """The first half of `pdl_prologue`, for a kernel that loads something before its wait (PDL 2:
+        let the next grid launch; nothing for PDL 1 or 0). `pdl_wait` must follow before the kernel
+        touches anything a kernel in flight may write, and before any return."""
+        if PDL == 2:
+            gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """The second half of `pdl_prologue`: wait for the predecessor (PDL 2), or wait and then let the
+        next grid launch (PDL 1); nothing for PDL 0."""
+        if PDL == 1:
+            gdc_wait()
+            gdc_launch_dependents()
+        elif PDL == 2:
+            gdc_wait()
+
 elif triton is not None:  # pragma: no cover
 
     @triton.jit
     def pdl_prologue(PDL: tl.constexpr):
         """No grid dependency control in this triton: `use_pdl` is always False, nothing to do."""
+        pass
+
+    @triton.jit
+    def pdl_launch_dependents(PDL: tl.constexpr):
+        pass
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
         pass

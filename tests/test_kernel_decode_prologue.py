@@ -101,20 +101,21 @@ def test_gpu_30b_shape_graph_splits(seq_lens):
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a CUDA device of compute capability >= 9.0 (PDL)")
 def test_gpu_step_token_read_after_the_wait():
-    """With PDL the decode attention loads its first tile of earlier tokens before its wait, while
-    `fused_qk_norm_rope_store` may still be storing the step's key and value: the step's token must be
-    read after the wait. Each round puts stale values in the step's slots (a non-PDL fill), stores the
-    step's key/value and attends, 32 rounds in one CUDA graph: every output equals a launch without PDL."""
+    """With PDL the decode attention may start while `fused_qk_norm_rope_store` still stores the step's key
+    and value: it must read them after its wait. Each round puts stale values in the step's slots (a
+    non-PDL write), stores the step's key/value and attends, 32 rounds in one CUDA graph: every output
+    equals the launches without PDL."""
     from qwen3coder.kernels import pdl
 
     seq_lens = [129, 1, 100, 2000, 64, 65, 300, 4096]
     q, p, k_cache, v_cache, ctx = _case(seq_lens, 32, 4, 128, RopeConfig(theta=1e7), False, False, 16,
                                         torch.bfloat16, seed=3)
     blocks, offsets = p.slot_mapping // 16, p.slot_mapping % 16
+    stale = torch.full((len(seq_lens), 4, 128), 7.0, dtype=torch.bfloat16, device="cuda")
 
     def step() -> torch.Tensor:
-        k_cache[blocks, offsets] = 7.0  # stale: what an earlier user of the slot left
-        v_cache[blocks, offsets] = -7.0
+        k_cache.index_put_((blocks, offsets), stale)  # what an earlier user of the slot left
+        v_cache.index_put_((blocks, offsets), -stale)
         q_a = fused_qk_norm_rope_store(q, p.k, p.v, p.q_weight, p.k_weight, p.eps, p.cos, p.sin, k_cache, v_cache,
                                        p.slot_mapping)
         return paged_attention_decode(q_a, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, 128 ** -0.5,

@@ -187,23 +187,6 @@ def test_paged_decode_min_tiles(min_tiles, num_splits, heads, kv_heads, head_dim
     assert torch.equal(got[one], single[one])
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 64])
-def test_paged_decode_early_first_tile_same_bits(monkeypatch, num_splits):
-    """The first tile loaded before the PDL wait (without the step's token, patched in after it) and the
-    plain tile loop give the same bits; the step's token (position seq_len - 1) is what the cache holds."""
-    from qwen3coder.kernels import paged_attention as pa
-
-    q, k_cache, v_cache, ctx = _paged_case(MIXED_LENS, 8, 2, 64, 16, torch.float32, seed=5, width=64)
-    args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, 64 ** -0.5)
-    monkeypatch.setattr(pa, "EARLY_KV", True)
-    early = _decode_nan_scratch(*args, num_splits=num_splits)
-    monkeypatch.setattr(pa, "EARLY_KV", False)
-    plain = _decode_nan_scratch(*args, num_splits=num_splits)
-    assert not early.isnan().any() and torch.equal(early, plain)
-    expected = paged_attention_reference(q, k_cache, v_cache, ctx, 64 ** -0.5)
-    assert (early - expected).abs().max().item() <= TOL[torch.float32] * 4
-
-
 @pytest.mark.parametrize("num_splits", [3, 64])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(8, 2, 64, 16), (6, 2, 32, 16), (4, 4, 64, 16)])
 def test_paged_decode_last_split_merge(num_splits, heads, kv_heads, head_dim, block_size):

@@ -16,11 +16,11 @@ Design (flash-decoding with a split count fixed on the host, token ranges chosen
   context from being spread one tile per split (with a graph's S = 64, a 160-token context becomes 3
   one-tile partials and a merge); measured, a floor only made things slower (see the constant), so
   the default is 1. Programs of splits at or past `used` return at once, writing nothing.
-* Before its PDL wait (`kernels.pdl`) a program loads what no kernel of the step writes: the length, the
-  block table and its first tile's keys and values of earlier tokens, so those reads overlap the previous
-  kernel (QK-norm/RoPE, which stores the step's key and value). After the wait it loads the queries and
-  the step's own token if that tile holds it (`EARLY_KV`; `QWEN3CODER_EARLY_KV=0` loads all after the
-  wait). The merge kernel likewise reads the length before its wait.
+* The merge kernel reads the length before its PDL wait (`kernels.pdl`: the host wrote it). Loading the
+  split kernel's first tile of earlier tokens' keys/values before its wait (the step's own token after
+  it) was measured and dropped: on an H200 it saved ~1 µs per call at short contexts alone, but cost up
+  to 35% at batch 16 from 2K tokens (the tile held in registers beside the pipelined loop) and was slower
+  in the model at batch 1, 2, 10 (2K context) and 16 (`decode_variants_30b-a3b-20261130T120159.json`).
 * The inner loop walks 64-token tiles; a tile's key/value rows are gathered through the block table
   (`block = token // block_size`, any power-of-two block size). Softmax is online, in base 2 with
   `scale * log2(e)` folded into the scores; tokens at or past `seq_len` are masked (and their block
@@ -76,9 +76,6 @@ MIN_TILES_PER_SPLIT = 1
 # (`attn_last_split_merge` of benchmarks/bench_decode_variants.py, decode_variants_30b-a3b-20261130T094324.json):
 # the atomics and L2 reads of the last split cost more than a merge launch that PDL overlaps.
 LAST_SPLIT_MERGE = os.environ.get("QWEN3CODER_LAST_SPLIT_MERGE", "0") == "1"
-# Load each split's first tile of earlier tokens' keys/values before the PDL wait (the step's own token
-# after it), overlapping the previous kernel; QWEN3CODER_EARLY_KV=0 loads everything after the wait.
-EARLY_KV = os.environ.get("QWEN3CODER_EARLY_KV", "1") != "0"
 MERGE_CHUNK = 4  # splits whose partial outputs the merging program holds at once
 PROGRAMS_PER_SM = 2  # split programs `choose_num_splits` aims at per SM
 NUM_WARPS = 4  # warps of a split program
@@ -99,23 +96,18 @@ if triton is not None:
                              SPLIT: tl.constexpr, MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr,
                              CHUNK: tl.constexpr, IEEE: tl.constexpr, PROLOGUE: tl.constexpr,
                              ROT_DIM: tl.constexpr, HALF_ALIGN: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-                             EARLY: tl.constexpr, PDL: tl.constexpr):
+                             PDL: tl.constexpr):
         """One (sequence, KV head, split): online softmax over the split's tiles of the real length.
         Without SPLIT, or when the sequence's length leaves a single split in use, the output is
         written directly; otherwise the partial max (base 2), sum and unnormalised output go to
         m/l/acc, laid out [seq, head, split(, HEAD_DIM)]. Splits past the used ones return at once.
         PROLOGUE: q, k, v are the raw projections of the step's token; every program normalises and
         rotates its group's queries, and the program whose split holds the last token also the key, and
-        stores key and value in the cache before its tile loop reads them (see `DecodePrologue`).
-        EARLY (not with PROLOGUE): the split's first tile is loaded before the PDL wait, without the step's
-        own token, which is read after the wait (see the module docstring)."""
+        stores key and value in the cache before its tile loop reads them (see `DecodePrologue`)."""
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        if EARLY:  # loads before the wait: lengths, block table, earlier tokens' keys/values (see `pdl`)
-            pdl_launch_dependents(PDL)
-        else:
-            pdl_prologue(PDL)
+        pdl_prologue(PDL)
         seq_len = tl.load(seq_lens_ptr + seq)
         num_tiles = tl.cdiv(seq_len, TILE_N)
         per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), min_tiles)
@@ -123,8 +115,6 @@ if triton is not None:
         # splits past the used ones hold no tile and no partial that the merge reads (used >= 1 for
         # seq_len >= 1; a zero length still runs split 0 and gives NaN, as before)
         if split >= tl.maximum(used, 1):
-            if EARLY:
-                pdl_wait(PDL)  # every program waits before it returns (PDL's completion stays transitive)
             return
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
@@ -145,30 +135,10 @@ if triton is not None:
                           stride_qn, stride_qh, stride_kn, stride_knh, stride_vn, stride_vnh, stride_cos,
                           stride_sin, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                           GROUP_PAD, HEAD_DIM, BLOCK_SIZE, ROT_DIM, HALF_ALIGN, ZERO_CENTERED)
-            rest = first
-        elif not EARLY:
-            q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
-                        mask=g_mask[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)  # [G, D]; pad rows 0
-            rest = first
         else:
-            # the split's first tile without the step's own token, which the previous kernel stores
-            tok = first * TILE_N + n
-            valid = tok < seq_len
-            block = tl.load(bt_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            k_ptrs = k_head + (block * stride_kb + (tok % BLOCK_SIZE) * stride_ks)[None, :] + d[:, None]
-            v_ptrs = v_head + (block * stride_vb + (tok % BLOCK_SIZE) * stride_vs)[:, None] + d[None, :]
-            old = tok < seq_len - 1
-            kt = tl.load(k_ptrs, mask=old[None, :], other=0.0)  # [D, N]
-            v = tl.load(v_ptrs, mask=old[:, None], other=0.0)  # [N, D]
-            pdl_wait(PDL)
             q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
                         mask=g_mask[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)  # [G, D]; pad rows 0
-            new = tok == seq_len - 1  # the step's token, if in this tile: read now, after the wait
-            kt = tl.where(new[None, :], tl.load(k_ptrs, mask=new[None, :], other=0.0), kt)
-            v = tl.where(new[:, None], tl.load(v_ptrs, mask=new[:, None], other=0.0), v)
-            m_i, l_i, acc = _attend_tile(q, kt, v, valid, qk_scale, m_i, l_i, acc, IEEE)
-            rest = first + 1
-        for t in range(rest, last):
+        for t in range(first, last):
             tok = t * TILE_N + n
             valid = tok < seq_len
             block = tl.load(bt_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
@@ -445,8 +415,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1), num_splits, num_heads, min_tiles, **_prologue_args(prologue, q),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, MERGE=merge_here, SPLITS_PAD=splits_pad,
-        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, EARLY=EARLY_KV and prologue is None,
-        num_warps=num_warps or NUM_WARPS,
+        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=num_warps or NUM_WARPS,
         num_stages=num_stages or NUM_STAGES, **pdl_launch(q.device))
     if split and not merge_here:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](

@@ -22,10 +22,9 @@ load, store or early return):
    kernel in the stream completed — so a kernel sees everything written before it in stream order,
    and the caching allocator's reuse of a buffer that an earlier kernel still reads is safe, as
    without PDL. (Weights, which no kernel writes, may be read before the wait: `kernels.norm_router`
-   loads its router rows first. So may what only the host or earlier steps wrote: the decode attention
-   of `kernels.paged_attention` loads the lengths, the block table and its first tile of earlier
-   tokens' keys and values between `pdl_launch_dependents` and `pdl_wait`, the two halves of
-   `pdl_prologue`.)
+   loads its router rows first. So may what only the host wrote before the step: the decode attention's
+   merge kernel in `kernels.paged_attention` loads the sequence lengths between `pdl_launch_dependents`
+   and `pdl_wait`, the two halves of `pdl_prologue`.)
 
 `QWEN3CODER_PDL=wait-first` swaps the two (wait, then let the next grid launch: at most two grids
 resident). Measured on an H200 at batch-1 decode of the 30B-A3B (decode graphs, dummy weights): no PDL

@@ -88,6 +88,8 @@ VARIANTS: dict[str, Any] = {
     "gemv_oproj_16k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(16384, 4)})],
     "gemv_oproj_bs2": lambda: [(gv, "TUNED", {**gv.TUNED, (2, 2048, 4096): gv.GemvConfig(8192, 4)})],
     "gemv_qkv": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(8192, 4)})],
+    "gemv_qkv_4k": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(4096, 4)})],
+    "gemv_qkv_16k": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(16384, 4)})],
     "moe_gemv_off": lambda: [(mg, "TUNED", {})],
     "qk_rope_unfolded": lambda: [(attn_mod, "FOLD_DECODE_PROLOGUE", False)],
     "qk_rope_folded": lambda: [(attn_mod, "FOLD_DECODE_PROLOGUE", True)],
@@ -161,8 +163,9 @@ def main(argv: list[str] | None = None) -> str:
     runner = llm.llm_engine.runner
     results: dict[str, dict[str, float]] = {}
     errors: dict[str, str] = {}
-    for name in names:
-        key = name if name not in results else f"{name}_end"
+    for i, name in enumerate(names):
+        repeat = sum(n == name for n in names[:i])  # earlier runs of the same variant
+        key = name if not repeat else f"{name}_end" if i == len(names) - 1 else f"{name}_{repeat + 1}"
         t0 = time.perf_counter()
         try:
             with applied(patches_of(name)):

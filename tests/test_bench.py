@@ -144,12 +144,39 @@ def test_decode_variants_cpu_smoke(tmp_path):
     from qwen3coder.kernels import fused_moe, gemv, pdl
 
     before = (pdl._MODE, fused_moe._DECODE_TINY, gemv.TUNED)
-    path = bdv.main(["--preset", "tiny", "--device", "cpu", "--variants", "pdl_wait_first,moe_tiles_down128+no_gemv",
-                     "--batches", "1,2", "--out-len", "4", "--max-model-len", "256", "--out-dir", str(tmp_path)])
+    path = bdv.main(["--preset", "tiny", "--device", "cpu", "--variants",
+                     "pdl_wait_first,baseline,moe_tiles_down128+no_gemv", "--batches", "1,2", "--out-len", "4",
+                     "--prompt-len", "40", "--max-model-len", "256", "--out-dir", str(tmp_path)])
     record = json.loads(Path(path).read_text())
-    assert list(record["metrics"]) == ["baseline", "pdl_wait_first", "moe_tiles_down128+no_gemv", "baseline_end"]
+    assert list(record["metrics"]) == ["baseline", "pdl_wait_first", "baseline_2", "moe_tiles_down128+no_gemv",
+                                       "baseline_end"]  # repeats keep their own keys
+    assert record["prompt_len"] == 40
     assert not record["errors"]
     assert all(v["decode_bs1_tok_s"] > 0 and v["decode_bs2_tok_s"] > 0 for v in record["metrics"].values())
     assert (pdl._MODE, fused_moe._DECODE_TINY, gemv.TUNED) == before
     with pytest.raises(SystemExit):
         bdv.main(["--variants", "nope", "--device", "cpu"])
+
+
+def test_bench_decode_attention_configs():
+    """benchmarks/bench_decode_attention.py's launch grid: split policies (graph, programs per SM, a fixed
+    count) x stages x warps x floors, their labels, and the split count each policy gives."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_decode_attention as bda
+    finally:
+        sys.path.pop(0)
+    from qwen3coder.kernels import paged_attention as pa
+
+    configs = bda.parse_configs("graph,pps4,1", "1,3", "4", "1,2")
+    assert len(configs) == 12 and configs[0] == ("graph", 1, 4, 1) and configs[-1] == ("1", 3, 4, 2)
+    assert [bda.config_label(c) for c in configs[:2]] == ["graph/st1/w4", "graph/st1/w4/mt2"]
+    with pytest.raises(SystemExit):
+        bda.parse_configs("pps", "3", "4", "1")
+    cpu = torch.device("cpu")  # 8 stand-in SMs
+    before = pa.PROGRAMS_PER_SM
+    assert bda.split_count("graph", 1, 32768, cpu) == pa.choose_num_splits(1, 4, 32768, cpu) == 4
+    assert bda.split_count("pps8", 1, 32768, cpu) == 16 and pa.PROGRAMS_PER_SM == before  # restored
+    assert bda.split_count("7", 16, 32768, cpu) == 7

@@ -310,6 +310,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qwen3coder.bench.decode import run
     from qwen3coder.config import ConfigError
 
+    if args.report:
+        from qwen3coder.bench.report import report_file
+
+        try:
+            print(report_file(args.report, args.markdown))
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+        return 0
     try:
         path = run(args)
     except ConfigError as e:

@@ -32,6 +32,15 @@ def test_bench_quick_cpu_with_profile(tmp_path):
     assert prof["steps"] > 0 and abs(sum(prof["families_share"].values()) - 1.0) < 0.01
     pre = record["profile"]["prefill_2x128"]
     assert pre["steps"] >= 1 and pre["prefill_tok_s"] > 0 and pre["families_ms_per_step"]
+    assert "decode, batch 1 (128-token prompt)" in r.stdout and "kernel family" in r.stdout  # the table
+    # the saved run's table again, as Markdown, without measuring anything
+    again = subprocess.run([sys.executable, "-m", "qwen3coder.cli", "bench", "--report", str(path), "--markdown"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "| decode, batch 16 |" in again.stdout and "|---|" in again.stdout
+    bad = subprocess.run([sys.executable, "-m", "qwen3coder.cli", "bench", "--report", str(tmp_path / "nope.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "cannot read benchmark result" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_graph_replay_takes_the_batch_bucket(monkeypatch):
@@ -180,3 +189,25 @@ def test_bench_decode_attention_configs():
     assert bda.split_count("graph", 1, 32768, cpu) == pa.choose_num_splits(1, 4, 32768, cpu) == 4
     assert bda.split_count("pps8", 1, 32768, cpu) == 16 and pa.PROGRAMS_PER_SM == before  # restored
     assert bda.split_count("7", 16, 32768, cpu) == 7
+
+
+def test_report_table_columns():
+    """`bench.report.format_report`: only measured scenarios, the transformers column where the run has it,
+    the H100 targets for the 30B-A3B preset only, the profile's families by time."""
+    from qwen3coder.bench.report import format_report
+
+    record = {"name": "bench_decode_30b-a3b", "preset": "30b-a3b", "device": "GPU", "commit": "abc",
+              "date": "today", "metrics": {"decode_bs1_tok_s": 383.2, "transformers_decode_bs1_tok_s": 9.28,
+                                           "ttft_ms_1k": 60.0, "offline_64x1024x128_total_tok_s": 21223.9},
+              "profile": {"decode_bs1": {"families_ms_per_step": {"gemm": 0.5, "fused_moe": 1.5},
+                                         "kernel_ms_per_step": 2.0, "graph_replay_ms": 2.5}}}
+    text = format_report(record)
+    lines = text.splitlines()
+    assert lines[1].split()[:3] == ["scenario", "qwen3coder", "unit"] and "transformers" in lines[1]
+    row = next(line for line in lines if line.startswith("decode, batch 1 "))
+    assert "383" in row and "9.28" in row and ">= 350" in row
+    assert "21,224" in next(line for line in lines if line.startswith("offline 64"))
+    assert "decode, batch 16" not in text  # not measured: no row
+    assert text.index("fused_moe") < text.index("gemm ") and "75%" in text
+    md = format_report({**record, "preset": "tiny", "metrics": {"decode_bs1_tok_s": 50.0}}, markdown=True)
+    assert "target" not in md and "transformers" not in md and "| decode, batch 1 (128-token prompt) | 50.0 |" in md

@@ -23,6 +23,7 @@ import traceback
 
 import torch
 
+from qwen3coder.bench.report import report_file
 from qwen3coder.bench.results import write_result
 from qwen3coder.config import ModelConfig
 from qwen3coder.engine import LLM, SamplingParams
@@ -151,6 +152,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="clients of the online scenario (through the server); 0 skips it")
     ap.add_argument("--online-requests", type=int, default=64)
     ap.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
+    ap.add_argument("--report", default=None, metavar="RUN.json",
+                    help="measure nothing: print a saved run's table (with --markdown, as Markdown)")
+    ap.add_argument("--markdown", action="store_true", help="the table as Markdown")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,12 +284,14 @@ def run(args: argparse.Namespace) -> str:
         scenario("online", lambda: metrics.update(online_throughput(
             llm, cfg.vocab_size, n_req, 128 if quick else 1024, 16 if quick else 128, args.online_concurrency)))
     params_total, params_active = cfg.num_params()
-    return write_result(f"bench_decode_{args.preset}", metrics,
+    path = write_result(f"bench_decode_{args.preset}", metrics,
                         extra={"preset": args.preset, "dtype": "bfloat16" if dev == "cuda" else "float32",
                                "engine": engine_info, "params_total": params_total,
                                "params_active": params_active, "errors": errors, "quick": quick,
                                "profile": profiles or None},
                         out_dir=args.out_dir)
+    print("\n" + report_file(path, getattr(args, "markdown", False)), flush=True)
+    return path
 
 
 if __name__ == "__main__":

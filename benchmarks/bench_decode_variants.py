@@ -9,7 +9,8 @@ dependent launch off or wait-first (`kernels.pdl`), the fused post-attention nor
 `kernels.norm_router.ROUTER_TILE`), batch-1 fused-MoE tiles (`kernels.fused_moe._DECODE_TINY`), qkv_proj
 on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV's shapes and tiles
 (`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles (`kernels.moe_gemv.TUNED`),
-decode attention's splits merged by the last to arrive (`kernels.paged_attention.LAST_SPLIT_MERGE`),
+decode attention's splits merged by the last to arrive (`kernels.paged_attention.LAST_SPLIT_MERGE`) and its
+launch (`NUM_STAGES`, `PROGRAMS_PER_SM`),
 the routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`),
 the routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in decode
 attention or in a kernel of its own (`models.layers.attention.FOLD_DECODE_PROLOGUE`);
@@ -83,6 +84,8 @@ VARIANTS: dict[str, Any] = {
     "moe_tiles_down32x256w8": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 8, 3)))],
     **{f"router_tile_{t // 1024}k": (lambda t=t: [(nr, "ROUTER_TILE", t)]) for t in (2048, 4096, 8192)},
     "attn_last_split_merge": lambda: [(pa, "LAST_SPLIT_MERGE", True)],
+    "attn_stages5": lambda: [(pa, "NUM_STAGES", 5)],
+    "attn_pps4": lambda: [(pa, "PROGRAMS_PER_SM", 4)],
     "no_gemv": lambda: [(gv, "TUNED", {})],
     "gemv_oproj_4k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(4096, 4)})],
     "gemv_oproj_16k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(16384, 4)})],

@@ -5,20 +5,20 @@
 
 Each variant sets module-level launch choices for its run and restores them afterwards: programmatic
 dependent launch off or wait-first (`kernels.pdl`), the fused post-attention norm + router + routing
-(`models.layers.moe.FUSED_NORM_ROUTER`, on by default; its router rows per program,
-`kernels.norm_router.ROUTER_TILE`), batch-1 fused-MoE tiles (`kernels.fused_moe._DECODE_TINY`), qkv_proj
-on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the register-tile GEMV's shapes and tiles
-(`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles (`kernels.moe_gemv.TUNED`),
-decode attention's splits merged by the last to arrive (`kernels.paged_attention.LAST_SPLIT_MERGE`) and its
-launch (`NUM_STAGES`, `PROGRAMS_PER_SM`),
-the routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`),
-the routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in decode
-attention or in a kernel of its own (`models.layers.attention.FOLD_DECODE_PROLOGUE`);
-`a+b` runs two variants together. The decode CUDA graphs
-bake such choices in, so they are recaptured per variant; then decode tokens/s at each batch
-(`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run, `--prompt-len` prompts). A
-variant is only as good as its timing noise: run-to-run differences of ~1% were seen on an H200, so the baseline runs first and
-last. JSON under benchmarks/results/ (`decode_variants_<preset>-*.json`).
+(`models.layers.moe.FUSED_NORM_ROUTER`, on by default; its router rows per program at every batch,
+`kernels.norm_router.ROUTER_TILE` and `ROUTER_TILE_SMALL`), batch-1 fused-MoE tiles
+(`kernels.fused_moe._DECODE_TINY`), qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the
+register-tile GEMV's shapes and tiles (`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles
+(`kernels.moe_gemv.TUNED`), decode attention's splits merged by the last to arrive
+(`kernels.paged_attention.LAST_SPLIT_MERGE`) and its launch (`NUM_STAGES`, `PROGRAMS_PER_SM`), the
+routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`), the
+routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in decode
+attention or in a kernel of its own (`models.layers.attention.FOLD_DECODE_PROLOGUE`); `a+b` runs two
+variants together. The decode CUDA graphs bake such choices in, so they are recaptured per variant; then
+decode tokens/s at each batch (`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run,
+`--prompt-len` prompts). A variant is only as good as its timing noise: run-to-run differences of ~1%
+were seen on an H200, so the baseline runs first and last (a variant named twice is run twice). JSON
+under benchmarks/results/ (`decode_variants_<preset>-*.json`).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ VARIANTS: dict[str, Any] = {
     "moe_tiles_down128": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (128, 128, 4, 3)))],
     "moe_tiles_down32x256w4": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 4, 3)))],
     "moe_tiles_down32x256w8": lambda: [(fm, "_DECODE_TINY", _tiles((64, 128, 8, 5), (32, 256, 8, 3)))],
-    **{f"router_tile_{t // 1024}k": (lambda t=t: [(nr, "ROUTER_TILE", t)]) for t in (2048, 4096, 8192)},
+    **{f"router_tile_{t // 1024}k": (lambda t=t: [(nr, "ROUTER_TILE", t), (nr, "ROUTER_TILE_SMALL", t)])
+       for t in (2048, 4096, 8192, 16384)},
     "attn_last_split_merge": lambda: [(pa, "LAST_SPLIT_MERGE", True)],
     "attn_stages5": lambda: [(pa, "NUM_STAGES", 5)],
     "attn_pps4": lambda: [(pa, "PROGRAMS_PER_SM", 4)],

@@ -80,14 +80,33 @@ def test_matches_unfused(n, partials, part_dtype, zero_centered):
     _check(x, residual, norm_w, router_w, 4, True, zero_centered)
 
 
-def test_several_programs_and_repeat_launches(monkeypatch):
-    """Many programs (small ROUTER_TILE): the last to arrive routes; the counter resets each time."""
-    monkeypatch.setattr(nr, "ROUTER_TILE", 2 * 128)  # BLOCK_E = 2 at H = 128: 13 programs for 25 experts
-    x, residual, norm_w, router_w = _case(2, 128, 25, 0, None, torch.bfloat16, seed=5)
+@pytest.mark.parametrize("rows", [2, 3])  # the small-batch tile, the general one
+def test_several_programs_and_repeat_launches(monkeypatch, rows):
+    """Many programs (small router tiles): the last to arrive routes; the counter resets each time."""
+    monkeypatch.setattr(nr, "ROUTER_TILE_SMALL", 2 * 128)  # BLOCK_E = 2 at H = 128: 13 programs for 25 experts
+    monkeypatch.setattr(nr, "ROUTER_TILE", 4 * 128)  # BLOCK_E = 4: 7 programs
+    x, residual, norm_w, router_w = _case(rows, 128, 25, 0, None, torch.bfloat16, seed=5)
     first = _check(x, residual, norm_w, router_w, 3, False, False, block_m=4)
     again = _check(x, residual, norm_w, router_w, 3, False, False, block_m=4)
     for a, b in zip(first[:3], again[:3]):
         assert torch.equal(a, b)
+
+
+def test_router_tile_by_rows(monkeypatch):
+    """Batches of up to SMALL_ROWS rows take ROUTER_TILE_SMALL (twice the programs at the 30B-A3B shape),
+    larger ones ROUTER_TILE; a hidden size above the tile still gets one expert per program."""
+    grids = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(nr, "_norm_router_route_kernel", Spy())
+    for rows, hidden in ((1, 2048), (2, 2048), (3, 2048), (16, 2048), (1, 16384)):
+        x, residual, norm_w, router_w = _case(rows, hidden, 128, 0, None, torch.bfloat16, seed=1)
+        nr.fused_norm_router_route(x, residual, norm_w, 1e-6, False, router_w, 8, True, 16)
+    assert grids == [(32, 1), (32, 2), (16, 3), (16, 16), (128, 1)]
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -53,6 +53,13 @@ except ImportError:  # pragma: no cover
 
 MAX_TOKENS = 16  # rows; every program normalises all of them
 ROUTER_TILE = 16384  # BLOCK_E * H_PAD router weights a program holds in registers
+# ... for batches of up to SMALL_ROWS rows: twice the programs, each with half the router rows. H200,
+# 30B-A3B decode (`router_tile_8k` of benchmarks/bench_decode_variants.py, three runs,
+# decode_variants_30b-a3b-20261130T122251.json / T122414.json): batch 1 389-394 vs 382-389 tok/s, batch 2
+# 546-548 vs 540-544; at batch 16 1,476 vs 1,486-1,487 and at batch 10 (2K context) even, so larger
+# batches keep ROUTER_TILE. 4K tiles: 384 at batch 1, 2K: 1,428 at batch 16.
+ROUTER_TILE_SMALL = 8192
+SMALL_ROWS = 2
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
@@ -146,7 +153,8 @@ def fused_norm_router_route(x: torch.Tensor, residual: torch.Tensor, norm_weight
                                          align)
     aligned = (routed.sorted_ids, routed.block_expert) if align else (routed.topk_ids, routed.topk_ids)
     block = triton.next_power_of_2(hidden)
-    block_e = max(1, min(triton.next_power_of_2(num_experts), ROUTER_TILE // block))
+    tile = ROUTER_TILE_SMALL if n <= SMALL_ROWS else ROUTER_TILE
+    block_e = max(1, min(triton.next_power_of_2(num_experts), max(tile, block) // block))
     _norm_router_route_kernel[(triton.cdiv(num_experts, block_e), n)](
         x, residual, norm_weight, out, res_out, router_weight, logits, _arrival_counter(dev), routed.topk_weights,
         routed.topk_ids, *aligned,

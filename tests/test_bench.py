@@ -154,7 +154,7 @@ def test_decode_variants_cpu_smoke(tmp_path):
 
     before = (pdl._MODE, fused_moe._DECODE_TINY, gemv.TUNED)
     path = bdv.main(["--preset", "tiny", "--device", "cpu", "--variants",
-                     "pdl_wait_first,baseline,moe_tiles_down128+no_gemv", "--batches", "1,2", "--out-len", "4",
+                     "pdl_wait_first,baseline,moe_tiles_down128+no_gemv", "--batches", "1,2", "--out-len", "16",
                      "--prompt-len", "40", "--max-model-len", "256", "--out-dir", str(tmp_path)])
     record = json.loads(Path(path).read_text())
     assert list(record["metrics"]) == ["baseline", "pdl_wait_first", "baseline_2", "moe_tiles_down128+no_gemv",

@@ -54,10 +54,11 @@ except ImportError:  # pragma: no cover
 MAX_TOKENS = 16  # rows; every program normalises all of them
 ROUTER_TILE = 16384  # BLOCK_E * H_PAD router weights a program holds in registers
 # ... for batches of up to SMALL_ROWS rows: twice the programs, each with half the router rows. H200,
-# 30B-A3B decode (`router_tile_8k` of benchmarks/bench_decode_variants.py, three runs,
-# decode_variants_30b-a3b-20261130T122251.json / T122414.json): batch 1 389-394 vs 382-389 tok/s, batch 2
-# 546-548 vs 540-544; at batch 16 1,476 vs 1,486-1,487 and at batch 10 (2K context) even, so larger
-# batches keep ROUTER_TILE. 4K tiles: 384 at batch 1, 2K: 1,428 at batch 16.
+# 30B-A3B decode (benchmarks/bench_decode_variants.py, decode_variants_30b-a3b-20261130T122251 / T122414 /
+# T122925.json), batch 1: 8K tiles 388.6-394.4 tok/s (mean 389.8, 6 runs) vs 16K 382.1-391.5 (mean 384.9,
+# 8 runs); batch 2: 541-548 (mean 546) vs 540-547 (mean 543) — each run is within ~1% noise, the means
+# differ by 1.3% / 0.6%. At batch 16 8K measured 1,476 vs 1,486-1,487 and at batch 10 (2K context) even,
+# so larger batches keep ROUTER_TILE. 4K tiles: 384 at batch 1; 2K: 1,428 at batch 16.
 ROUTER_TILE_SMALL = 8192
 SMALL_ROWS = 2
 

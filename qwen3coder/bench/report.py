@@ -52,6 +52,7 @@ def _render(header: list[str], rows: list[list[str]], markdown: bool) -> list[st
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return lines + ["| " + " | ".join(r) + " |" for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return [line(header), "-" * len(line(header))] + [line(r) for r in rows]

@@ -104,10 +104,10 @@ if triton is not None:
         PROLOGUE: q, k, v are the raw projections of the step's token; every program normalises and
         rotates its group's queries, and the program whose split holds the last token also the key, and
         stores key and value in the cache before its tile loop reads them (see `DecodePrologue`)."""
+        pdl_prologue(PDL)
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        pdl_prologue(PDL)
         seq_len = tl.load(seq_lens_ptr + seq)
         num_tiles = tl.cdiv(seq_len, TILE_N)
         per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), min_tiles)
@@ -121,14 +121,6 @@ if triton is not None:
         n = tl.arange(0, TILE_N)
         heads = kvh * GROUP + g
         g_mask = g < GROUP
-        m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
-        l_i = tl.zeros((GROUP_PAD,), tl.float32)
-        acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-        first = split * per_split
-        last = tl.minimum(first + per_split, num_tiles)
-        bt_row = block_tables_ptr + seq * stride_bt
-        k_head = k_cache_ptr + kvh * stride_kh
-        v_head = v_cache_ptr + kvh * stride_vh
         if PROLOGUE:
             q = _prologue(q_ptr, k_new_ptr, v_new_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr,
                           v_cache_ptr, eps, seq, kvh, heads, g_mask, split == (num_tiles - 1) // per_split,
@@ -138,6 +130,14 @@ if triton is not None:
         else:
             q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
                         mask=g_mask[:, None], other=0.0).to(k_cache_ptr.dtype.element_ty)  # [G, D]; pad rows 0
+        m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GROUP_PAD,), tl.float32)
+        acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+        first = split * per_split
+        last = tl.minimum(first + per_split, num_tiles)
+        bt_row = block_tables_ptr + seq * stride_bt
+        k_head = k_cache_ptr + kvh * stride_kh
+        v_head = v_cache_ptr + kvh * stride_vh
         for t in range(first, last):
             tok = t * TILE_N + n
             valid = tok < seq_len
@@ -147,7 +147,22 @@ if triton is not None:
             v_off = block * stride_vb + slot * stride_vs
             kt = tl.load(k_head + k_off[None, :] + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
             v = tl.load(v_head + v_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-            m_i, l_i, acc = _attend_tile(q, kt, v, valid, qk_scale, m_i, l_i, acc, IEEE)
+            if IEEE:
+                qk = tl.dot(q, kt, input_precision="ieee")
+            else:
+                qk = tl.dot(q, kt)
+            qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))  # [G, N], base-2 logits
+            # every tile in [first, last) holds a valid token, so m_new is finite
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
         if SPLIT:
             if used > 1:  # partials for the merge kernel
                 row = (seq * num_heads + heads) * num_splits + split
@@ -170,26 +185,6 @@ if triton is not None:
             out = acc / l_i[:, None]
             tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-
-    @triton.jit
-    def _attend_tile(q, kt, v, valid, qk_scale, m_i, l_i, acc, IEEE: tl.constexpr):
-        """One 64-token tile of the online softmax: q [G, D], kt [D, N], v [N, D], `valid` [N] tokens;
-        returns the updated (max, sum, unnormalised output)."""
-        if IEEE:
-            qk = tl.dot(q, kt, input_precision="ieee")
-        else:
-            qk = tl.dot(q, kt)
-        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))  # [G, N], base-2 logits
-        # every tile the kernel walks holds a valid token, so m_new is finite
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        return m_new, l_i, acc * alpha[:, None] + pv
 
     @triton.jit
     def _prologue(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, eps,

@@ -82,15 +82,11 @@ def config_label(config: tuple[str, int, int, int]) -> str:
 
 def split_count(policy: str, batch: int, bound: int, dev: torch.device) -> int:
     """The split count a policy gives for `batch` sequences under the length bound."""
-    from qwen3coder.kernels import paged_attention as pa
+    from qwen3coder.kernels.paged_attention import choose_num_splits
     if policy.isdigit():
         return int(policy)
-    pps = int(policy[3:]) if policy.startswith("pps") else pa.PROGRAMS_PER_SM
-    saved, pa.PROGRAMS_PER_SM = pa.PROGRAMS_PER_SM, pps
-    try:
-        return pa.choose_num_splits(batch, KV_HEADS, bound, dev)
-    finally:
-        pa.PROGRAMS_PER_SM = saved
+    pps = int(policy[3:]) if policy.startswith("pps") else None
+    return choose_num_splits(batch, KV_HEADS, bound, dev, programs_per_sm=pps)
 
 
 def bench_case(batch: int, ctx: int, configs: list[tuple[str, int, int, int]], bound: int, l2: int) -> dict:

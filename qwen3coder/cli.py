@@ -310,19 +310,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qwen3coder.bench.decode import run
     from qwen3coder.config import ConfigError
 
-    if args.report:
-        from qwen3coder.bench.report import report_file
-
-        try:
-            print(report_file(args.report, args.markdown))
-        except ValueError as e:
-            raise CLIError(str(e)) from e
-        return 0
     try:
         path = run(args)
     except ConfigError as e:
         raise CLIError(str(e)) from e
-    print(f"results: {path}", file=sys.stderr)
+    except ValueError as e:
+        if not args.report:
+            raise
+        raise CLIError(str(e)) from e  # --report of a file that is not a benchmark result
+    if not args.report:
+        print(f"results: {path}", file=sys.stderr)
     return 0
 
 

@@ -129,6 +129,7 @@ def test_paged_decode_num_splits_choice():
     cpu = torch.device("cpu")  # stand-in of 8 SMs
     assert choose_num_splits(1, 4, 32768, cpu) == 4  # ~2 programs per SM: 16 / 4 KV heads
     assert choose_num_splits(1, 1, 32768, cpu) == 16
+    assert choose_num_splits(1, 1, 32768, cpu, programs_per_sm=4) == 32  # a denser fill on request
     assert choose_num_splits(1, 1, 100, cpu) == 2  # no more splits than 64-token tiles of the bound
     assert choose_num_splits(64, 4, 32768, cpu) == 1  # a large batch fills the GPU by itself
 

@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
+    """Measure every scenario, write the JSON and print its table; with `--report`, only print the table
+    of that saved run (ValueError when it is not one). Returns the JSON's path."""
+    if getattr(args, "report", None):
+        print(report_file(args.report, args.markdown))
+        return args.report
     cfg = ModelConfig.preset(args.preset)
     dev = args.device
     skip = set(filter(None, args.skip.split(",")))

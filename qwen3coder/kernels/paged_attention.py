@@ -304,10 +304,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, bound: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head): about `PROGRAMS_PER_SM` programs per SM, at most one per `TILE`
-    tokens of the host-side length `bound` and at most `MAX_SPLITS`. Host integers only (graph-safe)."""
-    fill = triton.next_power_of_2(triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), max(1, num_seqs * num_kv_heads)))
+def choose_num_splits(num_seqs: int, num_kv_heads: int, bound: int, device: torch.device,
+                      programs_per_sm: int | None = None) -> int:
+    """Splits per (sequence, KV head): about `programs_per_sm` (None: `PROGRAMS_PER_SM`) programs per SM,
+    at most one per `TILE` tokens of the host-side length `bound` and at most `MAX_SPLITS`. Host
+    integers only (graph-safe)."""
+    per_sm = programs_per_sm or PROGRAMS_PER_SM
+    fill = triton.next_power_of_2(triton.cdiv(per_sm * _num_sms(device), max(1, num_seqs * num_kv_heads)))
     return max(1, min(MAX_SPLITS, triton.cdiv(max(1, bound), TILE), fill))
 
 

@@ -159,3 +159,38 @@ def test_recapture_keeps_the_static_inputs_and_the_outputs(checkpoint):
         assert torch.equal(getattr(runner, name), value), name
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == first
+
+
+def test_prefill_graphs_match_eager(checkpoint):
+    """Prefill and mixed steps of up to `max_prefill_graph_tokens` tokens replay graphs captured for token
+    buckets (the step padded, attention over a tile map): greedy outputs equal the eager engine's and
+    those of an engine without prefill graphs, in float32, through chunked prefill (a 48-token budget:
+    chunks alone and beside decode rows) and prefix-cache hits (a shared 40-token prefix). A request
+    with prompt logprobs needs more logits rows than a graph has: its steps run eagerly, same values.
+    Qwen3-Next (Gated DeltaNet prefill loops over sequences on the host) captures none."""
+    shared = [(7 * i) % 250 + 1 for i in range(40)]
+    prompts = [shared + p for p in PROMPTS] + PROMPTS[:3]
+    params = [GREEDY] * len(prompts)
+    params[2] = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, prompt_logprobs=2)
+
+    def run(**kw):
+        llm = LLM(checkpoint, skip_tokenizer_init=True, max_model_len=256, max_num_seqs=16, device="cuda",
+                  dtype="float32", max_num_batched_tokens=48, **kw)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        logprobs = [{t: lp.logprob for t, lp in entry.items()} for entry in outs[2].prompt_logprobs[1:]]
+        return [o.outputs[0].token_ids for o in outs], logprobs, llm.llm_engine.runner
+
+    eager, eager_lp, _ = run(enforce_eager=True)
+    plain, _, plain_runner = run(max_prefill_graph_tokens=0)
+    graphs, graphs_lp, runner = run()
+    assert not plain_runner.prefill_graphs and plain_runner.num_prefill_graph_steps == 0
+    if runner.hybrid:
+        assert not runner.prefill_graphs
+    else:
+        assert sorted(runner.prefill_graphs) == [16, 32, 48]
+        assert runner.num_prefill_graph_steps > 0
+    assert graphs == eager
+    assert plain == eager
+    for got, want in zip(graphs_lp, eager_lp):
+        assert got.keys() == want.keys()
+        assert max(abs(got[t] - want[t]) for t in got) < 1e-4

@@ -110,3 +110,30 @@ def test_reference_greedy_matches_engine_smoke():
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                        use_tqdm=False)
     assert out[0].outputs[0].token_ids == reference_greedy(model, prompt, 6)
+
+
+def test_prefill_graph_settings():
+    """Token buckets of the prefill CUDA graphs, the engine default (2,048 tokens, capped by the step
+    budget and the model length) and the CLI flags that set it."""
+    import pytest
+
+    from qwen3coder.cli import build_parser
+    from qwen3coder.config import ModelConfig
+    from qwen3coder.engine.config import EngineConfig
+    from qwen3coder.engine.cuda_runner import prefill_graph_sizes
+    from qwen3coder.server.launcher import build_engine
+
+    assert prefill_graph_sizes(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert prefill_graph_sizes(100) == [16, 32, 64, 100]
+    assert prefill_graph_sizes(8) == [8] and prefill_graph_sizes(0) == []
+    cfg = ModelConfig.preset("tiny")
+    assert EngineConfig.create(cfg, device="cpu", max_model_len=512).max_prefill_graph_tokens == 512
+    assert EngineConfig.create(cfg, device="cpu", max_model_len=4096,
+                               max_num_batched_tokens=1024).max_prefill_graph_tokens == 1024
+    assert EngineConfig.create(cfg, device="cpu", max_prefill_graph_tokens=0).max_prefill_graph_tokens == 0
+    with pytest.raises(ValueError, match="max_prefill_graph_tokens"):
+        EngineConfig.create(cfg, device="cpu", max_prefill_graph_tokens=-1)
+    args = build_parser().parse_args(["serve", "--device", "cpu", "--max-model-len", "256", "--enforce-eager",
+                                      "--max-prefill-graph-tokens", "64"])
+    config = build_engine(args).engine.config
+    assert config.enforce_eager and config.max_prefill_graph_tokens == 64

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from qwen3coder.kernels.paged_prefill import paged_attention_varlen  # noqa: E402
+from qwen3coder.kernels.paged_prefill import (build_tile_map, paged_attention_varlen, prefill_block_m,  # noqa: E402
+                                              tile_map_size)
 from qwen3coder.models.context import ForwardContext  # noqa: E402
 from qwen3coder.models.layers.attention import paged_attention_reference  # noqa: E402
 
@@ -55,6 +56,36 @@ def test_varlen_matches_reference(dtype, query_lens, seq_lens, heads, kv_heads, 
     got = paged_attention_varlen(q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, scale,
                                  max(query_lens)).float()
     assert (got - expected).abs().max().item() <= TOL[dtype]
+
+
+def test_tile_map_lists_every_query_tile_then_padding():
+    # sequence s, tile m -> s << 16 | m; 40 rows at 16 per tile: 3 tiles; the map padded with -1
+    assert build_tile_map([40, 1, 16], 16, 8) == [0, 1, 2, 1 << 16, 2 << 16, -1, -1, -1]
+    assert tile_map_size(57, 3, 16) == 4 + 3  # each sequence adds at most one partial tile
+    assert build_tile_map([], 64, 2) == [-1, -1]
+    with pytest.raises(AssertionError, match="do not fit"):
+        build_tile_map([40], 16, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("query_lens, seq_lens", CASES)
+@pytest.mark.parametrize("pad", [0, 13])
+def test_varlen_tile_map_matches_reference(dtype, query_lens, seq_lens, pad):
+    """The launch over a tile map (prefill CUDA graphs: the step padded to a token bucket, sequences to
+    a fixed count, BLOCK_M the bucket's) equals the reference; padding rows come out zero."""
+    heads, kv_heads, head_dim, block_size = 8, 2, 64, 32
+    q, k_cache, v_cache, ctx = _case(query_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype)
+    n = q.shape[0]
+    padded = torch.cat([q, torch.randn(pad, heads, head_dim, device=DEV).to(dtype)])
+    block_m = prefill_block_m(n + pad)
+    size = tile_map_size(n + pad, len(query_lens) + 3, block_m)
+    tile_map = torch.tensor(build_tile_map(query_lens, block_m, size), dtype=torch.int32, device=DEV)
+    scale = head_dim ** -0.5
+    got = paged_attention_varlen(padded, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
+                                 scale, 0, tile_map=tile_map, block_m=block_m).float()
+    expected = paged_attention_reference(q, k_cache, v_cache, ctx, scale).float()
+    assert (got[:n] - expected).abs().max().item() <= TOL[dtype]
+    assert not got[n:].any()
 
 
 def test_model_prefill_uses_varlen_kernel(monkeypatch):

@@ -21,6 +21,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
+# the default token budget of prefill graphs: on an H200 (30B-A3B, one prompt) an eager 2,048-token prefill
+# is 20% slower than its graph (41 vs 34 ms), a 1,024-token one 3.5x (62 vs 18 ms)
+DEFAULT_PREFILL_GRAPH_TOKENS = 2048
+
+
 @dataclass
 class CacheConfig:
     block_size: int = 16
@@ -67,6 +72,9 @@ class EngineConfig:
     seed: int = 0
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # CUDA: no CUDA graphs
+    # CUDA: steps that are not pure decode (prefill chunks, mixed with decode rows) of up to this many
+    # tokens replay graphs captured for token buckets 16, 32, ... (0: they run eagerly)
+    max_prefill_graph_tokens: int = 0
     async_scheduling: bool = False  # plan + launch decode step n+1 before reading step n's tokens
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -84,8 +92,8 @@ class EngineConfig:
                block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 256,
                max_num_batched_tokens: int | None = None, seed: int = 0, enforce_eager: bool = False,
                cpu_kv_cache_bytes: int = 4 << 30, num_state_snapshots: int | None = None,
-               max_waiting_requests: int | None = None,
-               async_scheduling: bool | None = None) -> "EngineConfig":
+               max_waiting_requests: int | None = None, async_scheduling: bool | None = None,
+               max_prefill_graph_tokens: int | None = None) -> "EngineConfig":
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         limit = model_config.max_position_embeddings
@@ -96,6 +104,10 @@ class EngineConfig:
                              f"max_position_embeddings ({limit})")
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 8192 if dev.type == "cuda" else 2048
+        if max_prefill_graph_tokens is None:  # auto: where a prefill's kernels take less time than issuing them
+            max_prefill_graph_tokens = min(DEFAULT_PREFILL_GRAPH_TOKENS, max_num_batched_tokens, max_model_len)
+        if not isinstance(max_prefill_graph_tokens, int) or max_prefill_graph_tokens < 0:
+            raise ValueError(f"max_prefill_graph_tokens: must be an integer >= 0, got {max_prefill_graph_tokens!r}")
         cache = CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                             gpu_memory_utilization=gpu_memory_utilization,
                             cpu_kv_cache_bytes=cpu_kv_cache_bytes,
@@ -110,7 +122,8 @@ class EngineConfig:
             async_scheduling = dev.type == "cuda"
         return cls(model_config=model_config, model_path=model_path, device=dev, dtype=dt, seed=seed,
                    skip_tokenizer_init=skip_tokenizer_init, enforce_eager=enforce_eager, cache=cache,
-                   scheduler=sched, generation_config=gen, async_scheduling=bool(async_scheduling))
+                   scheduler=sched, generation_config=gen, async_scheduling=bool(async_scheduling),
+                   max_prefill_graph_tokens=max_prefill_graph_tokens)
 
     def eos_token_ids(self, tokenizer: Any = None) -> set[int]:
         """EOS ids: generation_config.json's plus config.json's plus the tokenizer's."""

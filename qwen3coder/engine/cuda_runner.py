@@ -10,10 +10,21 @@ Differences from the plain runner:
   slot that no sequence owns. Logits come out of the graph; sampling runs on the GPU, and the only
   host sync per step is reading the sampled token ids.
 
+* the other steps (prefill chunks, alone or mixed with decode rows) of up to `max_prefill_graph_tokens`
+  tokens replay graphs captured for token buckets [16, 32, 64, ...] (an eager prefill of a short
+  prompt is host-bound: issuing ~12 launches per layer through Python takes longer than running
+  them). The step's tokens are padded to the bucket (padding tokens: id and position left over,
+  KV written to the scratch block, attention output zero); its sequences fill the first rows of
+  `min(bucket, max_num_seqs)`; the varlen attention runs over a tile map built on the host
+  (`kernels.paged_prefill.build_tile_map`), so the graph's grid is fixed; logits are computed for
+  that many rows. Steps with more logits rows (prompt logprobs) run eagerly.
+
 Graphs are captured only for models that declare `supports_cuda_graphs = True`, i.e. whose decode
 path (`ctx.is_decode`) reads only device tensors (no `*_cpu` lists, no `.item()`): in a captured
-decode, `ctx.seq_lens_cpu` holds `max_model_len` upper bounds, not the real lengths. Other models,
-or `enforce_eager=True`, run every step eagerly.
+decode, `ctx.seq_lens_cpu` holds `max_model_len` upper bounds, not the real lengths, and in a
+captured prefill `ctx.query_lens_cpu` is `[bucket]`. Prefill graphs also need a model without
+Gated DeltaNet layers (their prefill loops over sequences on the host). Other models, or
+`enforce_eager=True`, run every step eagerly.
 """
 
 from __future__ import annotations
@@ -28,9 +39,22 @@ from qwen3coder.engine.config import EngineConfig
 from qwen3coder.engine.model_runner import ModelRunner
 from qwen3coder.engine.sampler import SamplingMetadata
 from qwen3coder.engine.sampling_params import SamplingParams
+from qwen3coder.kernels.paged_prefill import build_tile_map, prefill_block_m, tile_map_size
 from qwen3coder.models.context import ForwardContext
 
 logger = logging.getLogger("qwen3coder.engine")
+
+
+def prefill_graph_sizes(max_tokens: int) -> list[int]:
+    """Token buckets of the prefill graphs: 16, 32, 64, ... below `max_tokens`, then `max_tokens`."""
+    if max_tokens <= 0:
+        return []
+    sizes, t = [], 16
+    while t < max_tokens:
+        sizes.append(t)
+        t *= 2
+    sizes.append(max_tokens)
+    return sizes
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -47,6 +71,12 @@ class CudaModelRunner(ModelRunner):
         assert config.device.type == "cuda"
         torch.cuda.set_device(config.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        graphable = not config.enforce_eager and getattr(model, "supports_cuda_graphs", False)
+        max_tokens = min(config.max_prefill_graph_tokens, config.scheduler.max_num_batched_tokens)
+        self.prefill_graph_sizes = prefill_graph_sizes(max_tokens) if graphable and not model.config.linear_layer_ids \
+            else []
+        self.num_prefill_graph_steps = 0  # steps that replayed a prefill graph
         super().__init__(config, model)
         if not config.enforce_eager and getattr(model, "supports_cuda_graphs", False):
             self.capture_graphs()
@@ -62,6 +92,35 @@ class CudaModelRunner(ModelRunner):
         torch.cuda.reset_peak_memory_stats()
         n = min(sched.max_num_batched_tokens, sched.max_model_len * sched.max_num_seqs)
         lens = [min(sched.max_model_len, n - i) for i in range(0, n, sched.max_model_len)]
+        self._warmup_forward(lens)
+        peak_extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        graph_pool = 0
+        if self.prefill_graph_sizes:  # the prefill graphs keep the activations of their largest bucket
+            torch.cuda.reset_peak_memory_stats()
+            t = self.prefill_graph_sizes[-1]
+            self._warmup_forward([min(sched.max_model_len, t - i) for i in range(0, t, sched.max_model_len)])
+            graph_pool = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        state = (self.num_state_slots + 1) * self.state_bytes_per_slot
+        available = int(total * self.config.cache.gpu_memory_utilization) - used - peak_extra - graph_pool - state
+        num = available // self.kv_bytes_per_block - 1  # one scratch block for graph padding
+        if num < 1:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache (total {total / 2**30:.1f} GiB, in use "
+                f"{used / 2**30:.1f} GiB, warm-up peak +{peak_extra / 2**30:.1f} GiB, prefill graphs "
+                f"{graph_pool / 2**30:.1f} GiB, state slots {state / 2**30:.1f} GiB); raise "
+                f"gpu_memory_utilization or lower max_num_batched_tokens / max_num_seqs / "
+                f"max_prefill_graph_tokens")
+        max_useful = sched.max_num_seqs * cdiv(sched.max_model_len, self.block_size)
+        torch.cuda.empty_cache()
+        return int(min(num, max_useful))
+
+    def _warmup_forward(self, lens: list[int]) -> None:
+        """A forward of no-cache sequences of `lens` tokens, then sampling `max_num_seqs` rows."""
+        sched = self.config.scheduler
+        n = sum(lens)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(t, device=self.device) for t in lens])
         ctx = ForwardContext.no_cache(lens, self.device)
@@ -79,21 +138,6 @@ class CudaModelRunner(ModelRunner):
         self.sampler(logits, md)
         del hidden, logits
         torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info()
-        used = total - free
-        peak_extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
-        state = (self.num_state_slots + 1) * self.state_bytes_per_slot
-        available = int(total * self.config.cache.gpu_memory_utilization) - used - peak_extra - state
-        num = available // self.kv_bytes_per_block - 1  # one scratch block for graph padding
-        if num < 1:
-            raise RuntimeError(
-                f"no GPU memory left for the KV cache (total {total / 2**30:.1f} GiB, in use "
-                f"{used / 2**30:.1f} GiB, warm-up peak +{peak_extra / 2**30:.1f} GiB, state slots "
-                f"{state / 2**30:.1f} GiB); raise gpu_memory_utilization or lower max_num_batched_tokens "
-                f"/ max_num_seqs")
-        max_useful = sched.max_num_seqs * cdiv(sched.max_model_len, self.block_size)
-        torch.cuda.empty_cache()
-        return int(min(num, max_useful))
 
     def allocate_caches(self, extra_blocks: int = 1, extra_slots: int = 1) -> None:
         super().allocate_caches(extra_blocks=1, extra_slots=1 if self.hybrid else 0)
@@ -119,7 +163,7 @@ class CudaModelRunner(ModelRunner):
         self.g_state_indices = torch.full((max_bs,), self.scratch_slot if self.hybrid else 0, dtype=torch.long,
                                           device=dev)
         self.g_logits = torch.zeros(max_bs, self.vocab_size, dtype=self.dtype, device=dev)
-        pool = None
+        pool = self._capture_prefill_graphs()  # the largest first: later graphs reuse their pool's memory
         for bs in reversed(self.graph_sizes):
             ctx = self._graph_context(bs)
             self._graph_body(bs, ctx)  # warm up (allocations, autotuning) outside the capture
@@ -159,6 +203,93 @@ class CudaModelRunner(ModelRunner):
         self.capture_graphs()
         self.set_graph_inputs(saved)
 
+    # ------------------------------------------------------------------ prefill graphs
+    def _prefill_rows(self, tokens: int) -> int:
+        """Sequences, and logits rows, that the prefill graph of `tokens` tokens has room for."""
+        return min(tokens, self.config.scheduler.max_num_seqs)
+
+    def _prefill_tiles(self, tokens: int) -> tuple[int, int]:
+        """(query rows per attention tile, tile-map size) of the prefill graph of `tokens` tokens."""
+        block_m = prefill_block_m(tokens)
+        return block_m, tile_map_size(tokens, self._prefill_rows(tokens), block_m)
+
+    def _capture_prefill_graphs(self) -> "tuple[int, int] | None":  # torch's graph-pool handle
+        """Capture a graph per token bucket, the largest first; returns the memory pool (None: no graphs)."""
+        self.prefill_graphs.clear()
+        if not self.prefill_graph_sizes:
+            return None
+        t_max = self.prefill_graph_sizes[-1]
+        s_max, dev = self._prefill_rows(t_max), self.device
+        self.p_input_ids = torch.zeros(t_max, dtype=torch.long, device=dev)
+        self.p_positions = torch.zeros(t_max, dtype=torch.long, device=dev)
+        self.p_slot_mapping = torch.full((t_max,), self.scratch_block * self.block_size, dtype=torch.long,
+                                         device=dev)
+        self.p_query_start_loc = torch.zeros(s_max + 1, dtype=torch.int32, device=dev)
+        self.p_seq_lens = torch.ones(s_max, dtype=torch.int32, device=dev)
+        self.p_block_tables = torch.full((s_max, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32,
+                                         device=dev)
+        map_size = max(self._prefill_tiles(t)[1] for t in self.prefill_graph_sizes)
+        self.p_tile_map = torch.full((map_size,), -1, dtype=torch.int32, device=dev)  # no work: warm-up, capture
+        self.p_rows = torch.zeros(s_max, dtype=torch.long, device=dev)
+        pool = None
+        for t in reversed(self.prefill_graph_sizes):
+            ctx = self._prefill_context(t)
+            self._prefill_body(t, ctx)  # warm up outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._prefill_body(t, ctx)
+            pool = graph.pool()
+            self.prefill_graphs[t] = graph
+            torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for prefill steps of %s tokens", self.prefill_graph_sizes)
+        return pool
+
+    def _prefill_context(self, tokens: int) -> ForwardContext:
+        rows = self._prefill_rows(tokens)
+        block_m, map_size = self._prefill_tiles(tokens)
+        return ForwardContext(
+            query_start_loc=self.p_query_start_loc[:rows + 1], seq_lens=self.p_seq_lens[:rows],
+            query_lens_cpu=[tokens], seq_lens_cpu=[self.config.scheduler.max_model_len],  # see module docstring
+            slot_mapping=self.p_slot_mapping[:tokens], block_tables=self.p_block_tables[:rows],
+            tile_map=self.p_tile_map[:map_size], tile_block_m=block_m)
+
+    def _prefill_body(self, tokens: int, ctx: ForwardContext) -> None:
+        rows = self._prefill_rows(tokens)
+        hidden = self.model.forward_step(self.p_input_ids[:tokens], self.p_positions[:tokens], ctx)
+        self.g_logits[:rows] = self.model.compute_logits(hidden.index_select(0, self.p_rows[:rows]))
+
+    def prefill_bucket(self, num_tokens: int, ctx: ForwardContext, num_rows: int) -> int | None:
+        """The prefill graph that can run this step (None: it runs eagerly, or on a decode graph)."""
+        if not self.prefill_graphs or ctx.is_decode or num_tokens > self.prefill_graph_sizes[-1]:
+            return None
+        tokens = next(t for t in self.prefill_graph_sizes if t >= num_tokens)
+        if num_rows > self._prefill_rows(tokens) or ctx.block_tables is None \
+                or ctx.block_tables.shape[1] > self.max_blocks_per_seq:
+            return None
+        assert ctx.num_seqs <= self._prefill_rows(tokens)  # every sequence has a token, and <= max_num_seqs
+        return tokens
+
+    def _replay_prefill(self, tokens: int, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                        rows: torch.Tensor) -> torch.Tensor:
+        n, seqs, width = input_ids.numel(), ctx.num_seqs, ctx.block_tables.shape[1]
+        block_m, map_size = self._prefill_tiles(tokens)
+        self.p_input_ids[:n].copy_(input_ids)  # padding tokens keep earlier ids and positions: any valid ones do
+        self.p_positions[:n].copy_(positions)
+        self.p_slot_mapping[:n].copy_(ctx.slot_mapping)
+        if tokens > n:  # ... but their keys and values must not land in a sequence's blocks
+            self.p_slot_mapping[n:tokens].fill_(self.scratch_block * self.block_size)
+        self.p_query_start_loc[:seqs + 1].copy_(ctx.query_start_loc)
+        self.p_seq_lens[:seqs].copy_(ctx.seq_lens)
+        self.p_block_tables[:seqs, :width].copy_(ctx.block_tables)
+        tile_map = build_tile_map(ctx.query_lens_cpu, block_m, map_size)
+        self.p_tile_map[:map_size].copy_(torch.tensor(tile_map, dtype=torch.int32, pin_memory=True), non_blocking=True)
+        self.p_rows[:rows.numel()].copy_(rows)
+        self.prefill_graphs[tokens].replay()
+        self.num_prefill_graph_steps += 1
+        return self.g_logits[:rows.numel()]
+
+    # ------------------------------------------------------------------ decode graphs
     def _graph_context(self, bs: int) -> ForwardContext:
         max_len = self.config.scheduler.max_model_len
         return ForwardContext(
@@ -180,6 +311,9 @@ class CudaModelRunner(ModelRunner):
                   and (not self.hybrid or all(ctx.has_initial_state_cpu))
                   and ctx.block_tables.shape[1] <= self.max_blocks_per_seq)
         if not usable:
+            tokens = self.prefill_bucket(input_ids.numel(), ctx, rows.numel())
+            if tokens is not None:
+                return self._replay_prefill(tokens, input_ids, positions, ctx, rows)
             return super().forward_logits(input_ids, positions, ctx, rows)
         bucket = next(b for b in self.graph_sizes if b >= bs)
         width = ctx.block_tables.shape[1]

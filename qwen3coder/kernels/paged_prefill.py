@@ -9,7 +9,10 @@ that is 64 small attention calls per layer. This kernel replaces the loop:
   `m*BLOCK_M ...` of sequence s (tokens `query_start_loc[s] + row`), which sit at positions
   `context_len + row` with `context_len = seq_lens[s] - query_len` (what was cached before this
   step: a prefix-cache hit, earlier chunks, or the decode history). Programs past a sequence's
-  query length exit at once; `max_query_len` is a host int (prefill steps are not graph-captured).
+  query length exit at once; `max_query_len` is a host int. A CUDA graph captured for a token
+  budget cannot bake that in: it passes a tile map instead (`build_tile_map`, a device list of
+  `(sequence, query tile)` work items padded with -1 to a size fixed by the budget), and the grid is
+  `(map size, query heads)`.
 * Keys/values are walked in BLOCK_N-token tiles from 0 to the last position the tile's rows can
   see (causal, aligned to the bottom-right corner as in `causal_lower_right`): first the tiles that
   every row sees whole (no masks), then the diagonal ones with the causal and length masks; each
@@ -81,14 +84,22 @@ if triton is not None:
 
     @triton.jit
     def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
-                              out_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
-                              stride_on, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              tile_map_ptr, out_ptr, qk_scale, stride_qn, stride_qh, stride_kb, stride_ks, stride_kh,
+                              stride_bt, stride_on, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              IEEE: tl.constexpr, PDL: tl.constexpr):
+                              IEEE: tl.constexpr, TILE_MAP: tl.constexpr, PDL: tl.constexpr):
         pdl_prologue(PDL)
-        mt = tl.program_id(0)
-        seq = tl.program_id(1)
-        head = tl.program_id(2)
+        if TILE_MAP:  # grid (tiles, heads): entry = seq << 16 | query tile, -1 = no work
+            entry = tl.load(tile_map_ptr + tl.program_id(0))
+            if entry < 0:
+                return
+            seq = entry >> 16
+            mt = entry & 0xFFFF
+            head = tl.program_id(1)
+        else:
+            mt = tl.program_id(0)
+            seq = tl.program_id(1)
+            head = tl.program_id(2)
         q_start = tl.load(query_start_ptr + seq)
         q_len = tl.load(query_start_ptr + seq + 1) - q_start
         if mt * BLOCK_M >= q_len:
@@ -123,29 +134,63 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+def prefill_block_m(max_query_len: int) -> int:
+    """Query rows per program (BLOCK_M) for a step whose longest query has `max_query_len` tokens."""
+    return 16 if max_query_len <= 16 else 64 if max_query_len <= 256 else 128
+
+
+def tile_map_size(num_tokens: int, num_seqs: int, block_m: int) -> int:
+    """Most query tiles `num_seqs` sequences of `num_tokens` tokens in all can need: a sequence adds
+    at most one partial tile."""
+    return -(-num_tokens // block_m) + num_seqs
+
+
+def build_tile_map(query_lens: list[int], block_m: int, size: int) -> list[int]:
+    """The work list of `paged_attention_varlen(..., tile_map=)`: one entry `seq << 16 | tile` per
+    BLOCK_M-row query tile of every sequence, then -1 up to `size` entries."""
+    tiles = [s << 16 | m for s, n in enumerate(query_lens) for m in range(-(-n // block_m))]
+    assert len(query_lens) < 1 << 15 and all(n <= block_m << 16 for n in query_lens), "tile map overflow"
+    assert len(tiles) <= size, f"{len(tiles)} tiles do not fit a map of {size}"
+    return tiles + [-1] * (size - len(tiles))
+
+
 def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: float, max_query_len: int) -> torch.Tensor:
+                           scale: float, max_query_len: int, tile_map: torch.Tensor | None = None,
+                           block_m: int | None = None) -> torch.Tensor:
     """q [N, Hq, D] (the new tokens of every sequence, flattened) -> [N, Hq, D]; caches
     [blocks, block_size, Hk, D] already holding this step's keys and values; `max_query_len` is the
-    longest query (host int)."""
+    longest query (host int).
+
+    `tile_map` (int32 [tiles], `build_tile_map` with `block_m`): launch one program per entry and head
+    instead of `cdiv(max_query_len, BLOCK_M) x sequences x heads`, so the grid depends only on the
+    map's size, not on the step's lengths: what a CUDA graph captured for a token budget needs (prefill
+    graphs, `engine.cuda_runner`). Rows of `q` past the last sequence's tokens (a graph's padding)
+    then come out as zeros; `max_query_len` is not read."""
     assert triton is not None, "triton is not installed"
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert head_dim & (head_dim - 1) == 0 and head_dim >= 16, "head_dim must be a power of two >= 16"
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if tile_map is None else torch.zeros_like(q)
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    block_m = 16 if max_query_len <= 16 else 64 if max_query_len <= 256 else 128
+    if tile_map is None:
+        block_m = prefill_block_m(max_query_len)
+        grid: tuple[int, ...] = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
+    else:
+        assert block_m is not None and tile_map.dtype == torch.int32, "a tile map needs its block_m (int32 map)"
+        grid = (tile_map.numel(), num_heads)
     block_n = 64 if head_dim <= 128 else 32
     ieee = q.dtype == torch.float32
-    _paged_prefill_kernel[(triton.cdiv(max_query_len, block_m), num_seqs, num_heads)](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, tile_map if tile_map is not None else seq_lens,
+        out, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4 if block_m == 16 else 8,
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, TILE_MAP=tile_map is not None,
+        num_warps=4 if block_m == 16 else 8,
         num_stages=3 if block_m < 128 else 2,
         **pdl_launch(q.device))
     return out

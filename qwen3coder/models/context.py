@@ -43,6 +43,10 @@ class ForwardContext:
     has_initial_state_cpu: list[bool] | None = None  # continue from the slot's state (else start at zero)
     # rows of the hidden states whose logits are wanted (None: all)
     logits_indices: torch.Tensor | None = None
+    # prefill CUDA graphs: the varlen attention's work list (`kernels.paged_prefill.build_tile_map`, with
+    # `tile_block_m` query rows per tile); None: the grid follows `query_lens_cpu`
+    tile_map: torch.Tensor | None = None
+    tile_block_m: int = 0
 
     @property
     def num_seqs(self) -> int:

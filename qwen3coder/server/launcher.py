@@ -63,6 +63,10 @@ def build_engine(args: argparse.Namespace) -> Any:
                   max_waiting_requests=getattr(args, "max_queue", None))
     if getattr(args, "max_num_batched_tokens", None):
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if getattr(args, "enforce_eager", False):
+        kwargs["enforce_eager"] = True
+    if getattr(args, "max_prefill_graph_tokens", None) is not None:
+        kwargs["max_prefill_graph_tokens"] = args.max_prefill_graph_tokens
     try:
         tokenizer = None
         if getattr(args, "tokenizer", None):
@@ -208,3 +212,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=None,
                    help="most requests waiting for a seat; more are answered 503 (default: unbounded)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized automatically)")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs (every step eager)")
+    p.add_argument("--max-prefill-graph-tokens", type=int, default=None,
+                   help="CUDA: prefill and mixed steps of up to this many tokens replay CUDA graphs "
+                        "(default: 2048 or the token budget; 0: they run eagerly)")

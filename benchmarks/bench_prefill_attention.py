@@ -2,24 +2,30 @@
 Triton kernel (`qwen3coder.kernels.paged_prefill`) against the per-sequence SDPA loop of
 `paged_attention_reference`, for the step shapes the engine produces.
 
-    python benchmarks/bench_prefill_attention.py [--out-dir DIR]
+    python benchmarks/bench_prefill_attention.py [--sweep] [--out-dir DIR]
 
 Scenarios (query lengths / sequence lengths of one step): 8 fresh 1,024-token prompts; one fresh
 8,192-token prompt; the last 8,192-token chunk of a 32K prompt (24,576 cached); a mixed step of 7
 prompts, a 1,016-token chunk and 56 decode rows (what offline batches look like while prompts are
-admitted). ms per call of one layer's attention (32 query / 4 KV heads, head_dim 128, bf16, block 16),
-and the kernel's TFLOP/s over the causal work.
+admitted); agent turns: 16 / 128 new tokens after 8K / 32K cached ones (few query tiles: the kernel
+splits their keys, `max_seq_len`; `kernel_no_splits_ms` is the same launch without). ms per call of one
+layer's attention (32 query / 4 KV heads, head_dim 128, bf16, block 16), and the kernel's TFLOP/s over
+the causal work. `--sweep`: each scenario also under every num_warps x num_stages x split count (the
+chosen one, half and double it, none), µs per call (`sweep`); the launch defaults
+(`paged_prefill.prefill_launch`, `PREFILL_PROGRAMS_PER_SM`) come from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
 
 from qwen3coder.bench.results import write_result
-from qwen3coder.kernels.paged_prefill import paged_attention_varlen
+from qwen3coder.bench.timing import cuda_graph_us
+from qwen3coder.kernels.paged_prefill import choose_prefill_splits, paged_attention_varlen, prefill_block_m
 from qwen3coder.models.context import ForwardContext
 from qwen3coder.models.layers.attention import paged_attention_reference
 
@@ -30,6 +36,13 @@ SCENARIOS = {
     "1x8192_fresh": ([8192], [8192]),
     "chunk_8192_after_24576": ([8192], [32768]),
     "mixed_7x1024_chunk1016_56dec": ([1024] * 7 + [1016] + [1] * 56, [1024] * 7 + [1016] + [200] * 56),
+    "turn_16_after_8192": ([16], [8208]),
+    "turn_128_after_8192": ([128], [8320]),
+    "turn_16_after_32768": ([16], [32784]),
+    "turn_128_after_32768": ([128], [32896]),
+    "turn_1024_after_8192": ([1024], [9216]),
+    "fresh_16": ([16], [16]),
+    "fresh_128": ([128], [128]),
 }
 
 
@@ -43,9 +56,30 @@ def _time_ms(fn, iters: int) -> float:
     return (time.perf_counter() - t0) * 1000 / iters
 
 
+def _sweep(q, k_cache, v_cache, ctx, q_lens, s_lens, iters: int) -> dict[str, float | None]:
+    """µs per call under each launch setting `w{warps}_s{stages}_sp{splits}`."""
+    block_m = prefill_block_m(max(q_lens))
+    auto = choose_prefill_splits(sum(q_lens), HEADS, block_m, 64, max(s_lens), q.device)
+    out: dict[str, float | None] = {}
+    for warps, stages, splits in itertools.product((2, 4, 8), (2, 3, 4), sorted({1, auto, max(1, auto // 2),
+                                                                                 min(16, 2 * auto)})):
+        if block_m == 128 and warps == 2:
+            continue
+        try:
+            us = cuda_graph_us(lambda: paged_attention_varlen(
+                q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, HEAD_DIM ** -0.5,
+                max(q_lens), num_splits=splits, num_warps=warps, num_stages=stages), 3, iters)
+            out[f"w{warps}_s{stages}_sp{splits}"] = round(us, 1)
+        except Exception as e:  # noqa: BLE001 - a setting that does not compile (shared memory) is skipped
+            print(f"[prefill-attn] w{warps}_s{stages}_sp{splits}: {type(e).__name__}", flush=True)
+            out[f"w{warps}_s{stages}_sp{splits}"] = None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--sweep", action="store_true", help="also every warps x stages x splits setting")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -61,12 +95,23 @@ def main() -> None:
         q = torch.randn(sum(q_lens), HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         ctx = ForwardContext.build(q_lens, s_lens, tables, BLOCK, device="cuda")
         scale = HEAD_DIM ** -0.5
-        kernel = _time_ms(lambda: paged_attention_varlen(q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc,
-                                                         ctx.seq_lens, scale, max(q_lens)), args.iters)
+        def varlen(bound):
+            return paged_attention_varlen(q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
+                                          scale, max(q_lens), max_seq_len=bound)
+
+        # both in CUDA graphs (the engine's prefill graphs replay a turn's launches): no launch overhead
+        kernel = cuda_graph_us(lambda: varlen(max(s_lens)), 3, args.iters) / 1000
+        no_splits = cuda_graph_us(lambda: varlen(None), 3, args.iters) / 1000
         ref = _time_ms(lambda: paged_attention_reference(q, k_cache, v_cache, ctx, scale), args.iters)
         # causal work: each query row attends to (context + its index + 1) keys; QK^T and PV
         flops = sum(4 * HEADS * HEAD_DIM * sum(s - ql + i + 1 for i in range(ql)) for ql, s in zip(q_lens, s_lens))
-        metrics[name] = {"varlen_kernel_ms": round(kernel, 3), "sdpa_loop_ms": round(ref, 3),
+        if args.sweep:
+            sweep = _sweep(q, k_cache, v_cache, ctx, q_lens, s_lens, args.iters)
+            best = sorted((t, k) for k, t in sweep.items() if t is not None)[:3]
+            print(f"[prefill-attn] {name}: best {best}", flush=True)
+            metrics.setdefault("sweep", {})[name] = sweep
+        metrics[name] = {"varlen_kernel_ms": round(kernel, 3), "kernel_no_splits_ms": round(no_splits, 3),
+                         "sdpa_loop_ms": round(ref, 3),
                          "kernel_tflops": round(flops / kernel / 1e9, 1), "speedup": round(ref / kernel, 2)}
         print(f"[prefill-attn] {name}: {metrics[name]}", flush=True)
         del k_cache, v_cache, q

@@ -36,7 +36,7 @@ if [[ $steps == *,kernels,* ]]; then
   run "$py" benchmarks/bench_moe_routing.py
   run "$py" benchmarks/bench_qk_norm_rope.py
   run "$py" benchmarks/bench_skinny_gemm.py --time-budget 80
-  run "$py" benchmarks/bench_prefill_attention.py
+  run "$py" benchmarks/bench_prefill_attention.py --sweep
   run "$py" benchmarks/bench_moe_tiles.py
 fi
 if [[ $steps == *,bench,* ]]; then

@@ -88,6 +88,46 @@ def test_varlen_tile_map_matches_reference(dtype, query_lens, seq_lens, pad):
     assert not got[n:].any()
 
 
+LONG_CONTEXT = [([5], [300]), ([1, 16, 1], [700, 200, 3]), ([70, 2], [520, 130])]  # short chunks, long contexts
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("query_lens, seq_lens", CASES + LONG_CONTEXT)
+@pytest.mark.parametrize("num_splits", [3])
+@pytest.mark.parametrize("tiled", [False, True], ids=["grid", "tile-map"])
+def test_varlen_kv_splits_match_reference(dtype, query_lens, seq_lens, num_splits, tiled):
+    """Keys split into runs of one 64-token tile per split (the floor lowered so that short contexts split
+    too), partials merged by the second kernel: equal to the reference. Tiles whose keys fit one split
+    are written directly; rows that see no key of a split (the diagonal split past them) weigh nothing."""
+    heads, kv_heads, head_dim, block_size = 8, 2, 32, 16
+    q, k_cache, v_cache, ctx = _case(query_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, seed=3)
+    kw = dict(num_splits=num_splits, min_tiles=1)
+    if tiled:
+        block_m = prefill_block_m(q.shape[0])
+        size = tile_map_size(q.shape[0], len(query_lens), block_m)
+        kw.update(tile_map=torch.tensor(build_tile_map(query_lens, block_m, size), dtype=torch.int32, device=DEV),
+                  block_m=block_m)
+    scale = head_dim ** -0.5
+    got = paged_attention_varlen(q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, scale,
+                                 max(query_lens), **kw).float()
+    expected = paged_attention_reference(q, k_cache, v_cache, ctx, scale).float()
+    assert (got - expected).abs().max().item() <= TOL[dtype]
+
+
+def test_prefill_splits_fill_the_gpu_only_when_few_tiles():
+    from qwen3coder.kernels.paged_prefill import MAX_PREFILL_SPLITS, choose_prefill_splits
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    from qwen3coder.kernels.paged_attention import _num_sms
+
+    target = 2 * _num_sms(dev)
+    # one 16-row tile x 32 heads after a long context: as many splits as fill the GPU, at most the cap
+    assert choose_prefill_splits(16, 32, 16, 64, 100_000, dev) == max(1, min(MAX_PREFILL_SPLITS, target // 32))
+    assert choose_prefill_splits(16, 2, 16, 64, 100_000, dev) == min(MAX_PREFILL_SPLITS, target // 2)
+    assert choose_prefill_splits(16, 32, 16, 64, 16, dev) == 1  # a fresh short prompt: nothing to split
+    assert choose_prefill_splits(8192, 32, 128, 64, 100_000, dev) == 1  # many tiles already fill it
+
+
 def test_model_prefill_uses_varlen_kernel(monkeypatch):
     """A tiny model's cached prefill + chunked prefill + decode logits with the Triton path forced on
     (through the interpreter on CPU) equal the reference path's."""
@@ -135,12 +175,19 @@ def test_model_prefill_uses_varlen_kernel(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the GPU machine)")
-def test_varlen_30b_shape_long():
+@pytest.mark.parametrize("query_lens, seq_lens", [([2000, 700, 1, 1], [2000, 2200, 3000, 5]), ([16], [20000]),
+                                                   ([100, 1], [9000, 300])], ids=["mixed", "turn16", "turn100"])
+def test_varlen_30b_shape_long(query_lens, seq_lens):
     """Qwen3-30B-A3B attention shape (32 query / 4 KV heads, head_dim 128, bf16, block 16): a 2,000-token
-    prompt, a 700-token chunk after 1,500 cached tokens, and decode rows, in one launch."""
-    query_lens, seq_lens = [2000, 700, 1, 1], [2000, 2200, 3000, 5]
+    prompt, a 700-token chunk after 1,500 cached tokens, and decode rows, in one launch; short chunks
+    after long contexts, whose keys the host's split count (`max_seq_len`) spreads over KV splits."""
+    from qwen3coder.kernels.paged_prefill import choose_prefill_splits
+
     q, k_cache, v_cache, ctx = _case(query_lens, seq_lens, 32, 4, 128, 16, torch.bfloat16, seed=5)
     expected = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), ctx, 128 ** -0.5)
     got = paged_attention_varlen(q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
-                                 128 ** -0.5, max(query_lens)).float()
+                                 128 ** -0.5, max(query_lens), max_seq_len=max(seq_lens)).float()
+    if len(query_lens) < 3:
+        assert choose_prefill_splits(sum(query_lens), 32, prefill_block_m(max(query_lens)), 64, max(seq_lens),
+                                     q.device) > 1
     assert (got - expected).abs().max().item() <= TOL[torch.bfloat16]

@@ -87,7 +87,8 @@ class PagedAttention(nn.Module):
             # prefill, chunked prefill and mixed prefill+decode steps: one launch for the whole batch
             return paged_prefill.paged_attention_varlen(q, self.k_cache, self.v_cache, ctx.block_tables,
                                                         ctx.query_start_loc, ctx.seq_lens, self.scale,
-                                                        max(ctx.query_lens_cpu), ctx.tile_map, ctx.tile_block_m)
+                                                        max(ctx.query_lens_cpu), ctx.tile_map, ctx.tile_block_m,
+                                                        max_seq_len=max(ctx.seq_lens_cpu))
         return paged_attention_reference(q, self.k_cache, self.v_cache, ctx, self.scale)
 
     def _forward_no_cache(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:

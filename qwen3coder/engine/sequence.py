@@ -30,12 +30,13 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
-    """Chained hash of one full block: identifies the whole prefix ending with this block."""
+def hash_block(parent: bytes | None, token_ids: "list[int] | tuple[int, ...] | memoryview") -> bytes:
+    """Chained hash of one full block: identifies the whole prefix ending with this block. The tokens
+    as a list, or already as int64 bytes (a slice of `array("q", tokens)`)."""
     h = hashlib.blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
-    h.update(array("q", token_ids).tobytes())
+    h.update(token_ids if isinstance(token_ids, memoryview) else array("q", token_ids).tobytes())
     return h.digest()
 
 
@@ -96,9 +97,16 @@ class Sequence:
         """Extend `block_hashes` to cover every full block of known `token_ids` (a pending
         placeholder is never hashed)."""
         full = (len(self.token_ids) - self.has_pending_token) // block_size
-        for i in range(len(self.block_hashes), full):
-            parent = self.block_hashes[i - 1] if i else None
-            self.block_hashes.append(hash_block(parent, self.token_ids[i * block_size:(i + 1) * block_size]))
+        done = len(self.block_hashes)
+        if full <= done:
+            return self.block_hashes
+        # the new blocks' tokens as bytes in one conversion, hashed block by block (`hash_block`'s bytes)
+        data = memoryview(array("q", self.token_ids[done * block_size:full * block_size]).tobytes())
+        step = block_size * 8
+        parent = self.block_hashes[-1] if done else None
+        for i in range(full - done):
+            parent = hash_block(parent, data[i * step:(i + 1) * step])
+            self.block_hashes.append(parent)
         return self.block_hashes
 
     def append_token(self, token_id: int) -> None:

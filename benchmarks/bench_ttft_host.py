@@ -14,7 +14,11 @@ compilation timed):
 * `turn_<n>` (with `--context C`): n new tokens after C tokens the prefix cache already holds — an
   agent's next turn (tool output appended to a cached conversation).
 Once per case, under the PyTorch profiler, the device time of the kernels of such a call is summed
-(`kernels_ms`): a time to first token well above it means the host is the bound. Dummy weights at the
+(`kernels_ms`): a time to first token well above it means the host is the bound. The sum is the GPU's
+work only when kernels run one after another, as in a host-bound eager prefill; in a graph replay with
+programmatic dependent launch a kernel starts before its predecessor ends and its recorded time
+includes that wait, so for the `graphs` engine `kernels_ms` overstates the work (a 16-token turn after
+8K: 10.5 ms summed, 5.9 ms per replay of its graph). Dummy weights at the
 preset's shapes; JSON under benchmarks/results/ (`ttft_host_<preset>-*.json`). Needs CUDA.
 """
 

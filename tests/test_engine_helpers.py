@@ -125,7 +125,7 @@ def test_prefill_graph_settings():
 
     assert prefill_graph_sizes(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
     assert prefill_graph_sizes(100) == [16, 32, 64, 100]
-    assert prefill_graph_sizes(8) == [8] and prefill_graph_sizes(0) == []
+    assert prefill_graph_sizes(8) == [8] and prefill_graph_sizes(1) == prefill_graph_sizes(0) == []
     cfg = ModelConfig.preset("tiny")
     assert EngineConfig.create(cfg, device="cpu", max_model_len=512).max_prefill_graph_tokens == 512
     assert EngineConfig.create(cfg, device="cpu", max_model_len=4096,

@@ -46,8 +46,9 @@ logger = logging.getLogger("qwen3coder.engine")
 
 
 def prefill_graph_sizes(max_tokens: int) -> list[int]:
-    """Token buckets of the prefill graphs: 16, 32, 64, ... below `max_tokens`, then `max_tokens`."""
-    if max_tokens <= 0:
+    """Token buckets of the prefill graphs: 16, 32, 64, ... below `max_tokens`, then `max_tokens` (none
+    below 2 tokens: a one-token step is a decode, or a one-token prompt that runs eagerly)."""
+    if max_tokens < 2:
         return []
     sizes, t = [], 16
     while t < max_tokens:

@@ -30,6 +30,7 @@ Gated DeltaNet layers (their prefill loops over sequences on the host). Other mo
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -167,15 +168,21 @@ class CudaModelRunner(ModelRunner):
         pool = self._capture_prefill_graphs()  # the largest first: later graphs reuse their pool's memory
         for bs in reversed(self.graph_sizes):
             ctx = self._graph_context(bs)
-            self._graph_body(bs, ctx)  # warm up (allocations, autotuning) outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._graph_body(bs, ctx)
+            self.graphs[bs] = graph = self._capture(lambda: self._graph_body(bs, ctx), pool)
             pool = graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
+
+    @staticmethod
+    def _capture(body: Callable[[], None], pool: "tuple[int, int] | None") -> torch.cuda.CUDAGraph:
+        """`body` captured into a graph on the memory pool `pool` (None: a new one), after one run outside
+        the capture (allocations, Triton compilation and autotuning)."""
+        body()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            body()
+        torch.cuda.synchronize()
+        return graph
 
     _STATIC_INPUTS = ("g_input_ids", "g_positions", "g_slot_mapping", "g_block_tables", "g_seq_lens",
                       "g_query_start_loc", "g_state_indices")
@@ -235,14 +242,8 @@ class CudaModelRunner(ModelRunner):
         pool = None
         for t in reversed(self.prefill_graph_sizes):
             ctx = self._prefill_context(t)
-            self._prefill_body(t, ctx)  # warm up outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._prefill_body(t, ctx)
+            self.prefill_graphs[t] = graph = self._capture(lambda: self._prefill_body(t, ctx), pool)
             pool = graph.pool()
-            self.prefill_graphs[t] = graph
-            torch.cuda.synchronize()
         logger.info("captured CUDA graphs for prefill steps of %s tokens", self.prefill_graph_sizes)
         return pool
 

@@ -46,26 +46,23 @@ from qwen3coder.models.context import ForwardContext
 logger = logging.getLogger("qwen3coder.engine")
 
 
+def _doubling(first: int, last: int) -> list[int]:
+    """first, 2*first, 4*first, ... below `last`, then `last`."""
+    sizes, n = [], first
+    while n < last:
+        sizes.append(n)
+        n *= 2
+    return sizes + [last]
+
+
 def prefill_graph_sizes(max_tokens: int) -> list[int]:
     """Token buckets of the prefill graphs: 16, 32, 64, ... below `max_tokens`, then `max_tokens` (none
     below 2 tokens: a one-token step is a decode, or a one-token prompt that runs eagerly)."""
-    if max_tokens < 2:
-        return []
-    sizes, t = [], 16
-    while t < max_tokens:
-        sizes.append(t)
-        t *= 2
-    sizes.append(max_tokens)
-    return sizes
+    return _doubling(16, max_tokens) if max_tokens >= 2 else []
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    sizes, b = [], 1
-    while b < max_num_seqs:
-        sizes.append(b)
-        b *= 2
-    sizes.append(max_num_seqs)
-    return sizes
+    return _doubling(1, max_num_seqs)
 
 
 class CudaModelRunner(ModelRunner):

@@ -10,7 +10,8 @@ dependent launch off or wait-first (`kernels.pdl`), the fused post-attention nor
 (`kernels.fused_moe._DECODE_TINY`), qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the
 register-tile GEMV's shapes and tiles (`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles
 (`kernels.moe_gemv.TUNED`), decode attention's splits merged by the last to arrive
-(`kernels.paged_attention.LAST_SPLIT_MERGE`) and its launch (`NUM_STAGES`, `PROGRAMS_PER_SM`), the
+(`kernels.paged_attention.LAST_SPLIT_MERGE`) and its launch (`NUM_STAGES`, `PROGRAMS_PER_SM`, the merge kernel's
+splits per step `merge_chunk`), the
 routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`), the
 routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in decode
 attention or in a kernel of its own (`models.layers.attention.FOLD_DECODE_PROLOGUE`); `a+b` runs two
@@ -86,6 +87,8 @@ VARIANTS: dict[str, Any] = {
        for t in (2048, 4096, 8192, 16384)},
     "attn_last_split_merge": lambda: [(pa, "LAST_SPLIT_MERGE", True)],
     "attn_stages5": lambda: [(pa, "NUM_STAGES", 5)],
+    "attn_merge_tile64": lambda: [(pa, "merge_chunk", lambda s: 64)],  # one 64-split tile: the merge before
+    "attn_merge_chunk4": lambda: [(pa, "MERGE_LOOP_CHUNK", 4)],
     "attn_pps4": lambda: [(pa, "PROGRAMS_PER_SM", 4)],
     "no_gemv": lambda: [(gv, "TUNED", {})],
     "gemv_oproj_4k_w4": lambda: [(gv, "TUNED", {(1, 2048, 4096): gv.GemvConfig(4096, 4)})],

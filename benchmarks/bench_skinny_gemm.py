@@ -1,7 +1,7 @@
 """Skinny GEMM (`qwen3coder.kernels.skinny_gemm`) vs cuBLAS (`F.linear`) at the decode shapes (CUDA).
 
 Shapes of Qwen3-Coder-30B-A3B in bf16: qkv_proj 2048->5120, o_proj 4096->2048, the MoE router
-2048->128 and the LM head 2048->151936, each for M = 1, 2, 4, 8, 16, 32 rows. For every (shape, M)
+2048->128 and the LM head 2048->151936, each for M = 1, 2, 4, 8, 16, 32, 64 rows. For every (shape, M)
 it times F.linear and `skinny_linear` with each candidate launch configuration (`candidates`: the
 current choice first, then a sweep of tiles, split-K counts and both inner products), every
 candidate first checked against the fp32 product. Timing: enough distinct weight copies (> 3x the L2 cache)
@@ -30,7 +30,7 @@ from qwen3coder.kernels import skinny_gemm as sg
 
 SHAPES: dict[str, tuple[int, int]] = {  # name -> (N, K): W [N, K], x [M, K]
     "qkv": (5120, 2048), "o_proj": (2048, 4096), "router": (128, 2048), "lm_head": (151936, 2048)}
-ROWS = (1, 2, 4, 8, 16, 32)
+ROWS = (1, 2, 4, 8, 16, 32, 64)
 # (block_n, block_k, num_warps, num_stages) of the tensor-core dot ...
 DOT_GRID = [(16, 128, 4, 4), (16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4),
             (64, 256, 4, 3), (128, 128, 8, 4)]

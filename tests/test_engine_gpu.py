@@ -194,3 +194,25 @@ def test_prefill_graphs_match_eager(checkpoint):
     for got, want in zip(graphs_lp, eager_lp):
         assert got.keys() == want.keys()
         assert max(abs(got[t] - want[t]) for t in got) < 1e-4
+
+
+def test_prefill_graph_after_a_larger_bucket(checkpoint):
+    """A prefill graph computes logits for `min(bucket, max_num_seqs)` rows, of which a step may use a
+    few: the others must still index the step's own bucket. Here a 48-token bucket's step (16 prompts
+    of 3 tokens, logits rows up to 47) is followed by a lone 5-token prompt in the 16-token bucket
+    (rows 1..15 left over from the larger step once indexed past its 16 hidden rows: a device-side
+    assert). Outputs equal the eager engine's."""
+    first = [[(11 * i + k) % 250 + 1 for i in range(3)] for k in range(16)]
+    second = [[3, 14, 15, 92, 65]]
+
+    def run(**kw):
+        llm = LLM(checkpoint, skip_tokenizer_init=True, max_model_len=128, max_num_seqs=16, device="cuda",
+                  dtype="float32", max_num_batched_tokens=48, **kw)
+        outs = [llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+                for prompts in (first, second)]
+        return [[o.outputs[0].token_ids for o in batch] for batch in outs], llm.llm_engine.runner
+
+    eager, _ = run(enforce_eager=True)
+    graphs, runner = run()
+    assert runner.hybrid or runner.num_prefill_graph_steps >= 2
+    assert graphs == eager

@@ -143,6 +143,9 @@ def test_use_skinny_policy(monkeypatch):
     assert not sg.use_skinny(1, 4096, 2048, torch.bfloat16, cuda)  # untuned shape: cuBLAS on a GPU
     assert sg.use_skinny(1, 4096, 2048, torch.bfloat16, cpu) == sg._INTERPRET  # ... the default rule here
     assert not sg.use_skinny(sg.SKINNY_MAX_M + 1, 2048, 4096, torch.bfloat16, cuda)
+    assert sg.use_skinny(64, 2048, 4096, torch.bfloat16, cuda)  # o_proj at batch 64: tuned win
+    assert not sg.use_skinny(64, 5120, 2048, torch.bfloat16, cuda)
+    assert not sg.use_skinny(sg.INTERPRET_MAX_M + 1, 4096, 2048, torch.bfloat16, cpu)
     assert not sg.use_skinny(0, 2048, 4096, torch.bfloat16, cuda)
     assert not sg.use_skinny(1, 2048, 4096, torch.float32, cuda)
     assert not sg.use_skinny(1, 2048, 4088, torch.bfloat16, cuda)  # K not a multiple of 16
@@ -312,9 +315,9 @@ def test_bench_candidates_and_tuned_entries():
             assert any(not c.dot for c in cands) == (m <= sg.FMA_MAX_M)
     rows = [{"shape": "qkv", "m": m, "n": 5120, "k": 2048, "cublas": {"us": 8.0},
              "best": {"config": vars(sg.SkinnyConfig(block_n=32)), "us": us}}
-            for m, us in [(1, 6.0), (3, 7.9), (4, 6.5), (32, 1.0)]]
+            for m, us in [(1, 6.0), (3, 7.9), (4, 6.5), (128, 1.0)]]
     entries = bench.tuned_entries(rows)
-    # M=3 and M=4 share the bucket 4: the larger decides; M=32 is beyond SKINNY_MAX_M
+    # M=3 and M=4 share the bucket 4: the larger decides; M=128 is beyond SKINNY_MAX_M
     assert entries == {(1, 5120, 2048): sg.SkinnyConfig(block_n=32), (4, 5120, 2048): sg.SkinnyConfig(block_n=32)}
     rows[2]["best"]["us"] = 7.9  # not 3% ahead of cuBLAS: None
     assert bench.tuned_entries(rows)[(4, 5120, 2048)] is None

@@ -188,6 +188,23 @@ def test_paged_decode_min_tiles(min_tiles, num_splits, heads, kv_heads, head_dim
     assert torch.equal(got[one], single[one])
 
 
+def test_paged_decode_merge_chunk(monkeypatch):
+    """The merge kernel combines `merge_chunk(S)` partials per step with a running max: split counts
+    rounded up to a power of two, at most MERGE_LOOP_CHUNK; any chunk gives the reference's output (the
+    11 splits of a 700-token context: one step of 16, six of 2)."""
+    import qwen3coder.kernels.paged_attention as pa
+
+    assert [pa.merge_chunk(s) for s in (2, 3, 4, 5, 8, 16, 64)] == [2, 4, 4, 8, 8, 8, 8]
+    q, k_cache, v_cache, ctx = _paged_case(MIXED_LENS, 8, 2, 64, 16, torch.float32, seed=11, width=64)
+    expected = paged_attention_reference(q, k_cache, v_cache, ctx, 0.125)
+    args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, 0.125)
+    for chunk in (2, 16):
+        monkeypatch.setattr(pa, "MERGE_LOOP_CHUNK", chunk)
+        got = _decode_nan_scratch(*args, num_splits=64)
+        assert not got.isnan().any()
+        assert (got - expected).abs().max().item() <= TOL[torch.float32] * 4
+
+
 @pytest.mark.parametrize("num_splits", [3, 64])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(8, 2, 64, 16), (6, 2, 32, 16), (4, 4, 64, 16)])
 def test_paged_decode_last_split_merge(num_splits, heads, kv_heads, head_dim, block_size):

@@ -61,7 +61,10 @@ def profile_decode(llm: LLM, batch: int, vocab: int, steps: int = 32, prompt_len
     for i in range(batch):
         engine.add_request(f"profile-{batch}-{prompt_len}-{i}",
                            {"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=g).tolist()}, params)
-    for _ in range(8):  # prefill and a few decode steps outside the recording
+    decoding: set[str] = set()  # prefill (chunked: batch x prompt_len may take many steps) outside the recording
+    while len(decoding) < batch and engine.has_unfinished_requests():
+        decoding.update(o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids)
+    for _ in range(4):  # and a few decode steps
         engine.step()
     result = _record(llm, lambda: [engine.step() for _ in range(steps)], steps)
     replay = graph_replay_ms(llm, batch)  # the last recorded step: the static inputs still hold it

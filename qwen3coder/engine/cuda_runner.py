@@ -284,6 +284,8 @@ class CudaModelRunner(ModelRunner):
         tile_map = build_tile_map(ctx.query_lens_cpu, block_m, map_size)
         self.p_tile_map[:map_size].copy_(torch.tensor(tile_map, dtype=torch.int32, pin_memory=True), non_blocking=True)
         self.p_rows[:rows.numel()].copy_(rows)
+        if rows.numel() < self._prefill_rows(tokens):  # the graph's other logits rows must index this bucket
+            self.p_rows[rows.numel():self._prefill_rows(tokens)].zero_()  # (a larger one's replay left them)
         self.prefill_graphs[tokens].replay()
         self.num_prefill_graph_steps += 1
         return self.g_logits[:rows.numel()]

@@ -27,7 +27,8 @@ Design (flash-decoding with a split count fixed on the host, token ranges chosen
   table entries never read). p is cast to the value dtype before the PV dot.
 * With `S == 1`, or when a sequence's real length gives `used == 1`, the (only) working program
   normalises and writes the output directly. Otherwise a merge kernel (one program per (sequence,
-  query head)) combines the partials of the `used` splits; its programs for `used == 1` sequences
+  query head)) combines the partials of the `used` splits, `merge_chunk(S)` at a time (a running max
+  across chunks; one chunk, no rescaling, up to 8 splits); its programs for `used == 1` sequences
   return at once (their output is already written). Both kernels compute per_split/used from the
   same (seq_len, S, min_tiles), so they agree on which path each sequence takes. The direct write
   equals what the merge would give for one partial (its weight is exp2(0) = 1): same bits.
@@ -77,6 +78,11 @@ MIN_TILES_PER_SPLIT = 1
 # the atomics and L2 reads of the last split cost more than a merge launch that PDL overlaps.
 LAST_SPLIT_MERGE = os.environ.get("QWEN3CODER_LAST_SPLIT_MERGE", "0") == "1"
 MERGE_CHUNK = 4  # splits whose partial outputs the merging program holds at once
+# ... and the merge kernel's. It once loaded one [MAX_SPLITS, HEAD_DIM] tile, mostly masked, whatever the
+# split count: 11.5 µs per layer at batch 64 (2 splits) on an H200 (30B-A3B decode); sized by the split
+# count, batch-64 decode went from 3,700 to 3,787 tok/s (`attn_merge_pad64` of bench_decode_variants.py,
+# decode_variants_30b-a3b-20261130T141602.json), batch 1 and 16 even.
+MERGE_LOOP_CHUNK = 8
 PROGRAMS_PER_SM = 2  # split programs `choose_num_splits` aims at per SM
 NUM_WARPS = 4  # warps of a split program
 NUM_STAGES = 3  # software-pipelining depth of the tile loop (Triton's default on CUDA)
@@ -251,10 +257,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["min_tiles"])
     def _paged_decode_merge_kernel(m_ptr, l_ptr, acc_ptr, seq_lens_ptr, out_ptr, num_splits, num_heads,
                                    min_tiles, stride_on, stride_oh, HEAD_DIM: tl.constexpr,
-                                   SPLITS_PAD: tl.constexpr, TILE_N: tl.constexpr, PDL: tl.constexpr):
+                                   CHUNK: tl.constexpr, TILE_N: tl.constexpr, PDL: tl.constexpr):
         """One (sequence, query head): combine the partials of the splits that the sequence's real
-        length reaches (the same tile arithmetic as the split kernel); the others are never read.
-        With a single split in use the split kernel already wrote the output: return at once."""
+        length reaches (the same tile arithmetic as the split kernel), CHUNK at a time with a running
+        max (online softmax across chunks); the others are never read. With a single split in use the
+        split kernel already wrote the output: return at once."""
         pdl_launch_dependents(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
@@ -265,17 +272,25 @@ if triton is not None:
         pdl_wait(PDL)
         if used == 1:
             return
-        sp = tl.arange(0, SPLITS_PAD)
+        c = tl.arange(0, CHUNK)
         d = tl.arange(0, HEAD_DIM)
-        ok = sp < used
-        row = (seq * num_heads + head) * num_splits + sp
-        m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
-        l = tl.load(l_ptr + row, mask=ok, other=0.0)
-        acc = tl.load(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-        m_max = tl.max(m, axis=0)
-        w = tl.where(ok, tl.math.exp2(m - m_max), 0.0)
-        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-        tl.store(out_ptr + seq * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+        base = (seq * num_heads + head) * num_splits
+        m_run = tl.max(tl.full((CHUNK,), float("-inf"), tl.float32), axis=0)
+        l_run = tl.sum(tl.zeros((CHUNK,), tl.float32), axis=0)
+        acc_run = tl.zeros((HEAD_DIM,), tl.float32)
+        for s0 in range(0, used, CHUNK):  # used <= CHUNK (the common case): one pass, no rescaling
+            ok = s0 + c < used
+            row = base + s0 + c
+            m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
+            l = tl.load(l_ptr + row, mask=ok, other=0.0)
+            acc = tl.load(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+            m_new = tl.maximum(m_run, tl.max(m, axis=0))  # finite: each chunk holds a used split
+            alpha = tl.math.exp2(m_run - m_new)  # 0 on the first chunk
+            w = tl.where(ok, tl.math.exp2(m - m_new), 0.0)
+            l_run = l_run * alpha + tl.sum(l * w, axis=0)
+            acc_run = acc_run * alpha + tl.sum(acc * w[:, None], axis=0)
+            m_run = m_new
+        tl.store(out_ptr + seq * stride_on + head * stride_oh + d, (acc_run / l_run).to(out_ptr.dtype.element_ty))
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -312,6 +327,12 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, bound: int, device: torc
     per_sm = programs_per_sm or PROGRAMS_PER_SM
     fill = triton.next_power_of_2(triton.cdiv(per_sm * _num_sms(device), max(1, num_seqs * num_kv_heads)))
     return max(1, min(MAX_SPLITS, triton.cdiv(max(1, bound), TILE), fill))
+
+
+def merge_chunk(num_splits: int) -> int:
+    """Partials the merge kernel combines per loop step: `num_splits` rounded up to a power of two, at
+    most `MERGE_LOOP_CHUNK` (three variants at most; graphs compile theirs at capture)."""
+    return min(MERGE_LOOP_CHUNK, max(2, triton.next_power_of_2(num_splits)))
 
 
 def splits_used(seq_len: int, num_splits: int, min_tiles: int = MIN_TILES_PER_SPLIT) -> int:
@@ -405,7 +426,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         m = l = acc = out  # unused
     counters = _arrival_counters(q.device, num_seqs * num_kv_heads) if merge_here else seq_lens
-    splits_pad = triton.next_power_of_2(max(num_splits, MAX_SPLITS))
+    splits_pad = triton.next_power_of_2(max(num_splits, MAX_SPLITS))  # the in-kernel merge's (opt-in) tile
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, counters, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -418,6 +439,5 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if split and not merge_here:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
             m, l, acc, seq_lens, out, num_splits, num_heads, min_tiles, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLITS_PAD=splits_pad, TILE_N=TILE,
-            num_warps=4, **pdl_launch(q.device))  # one merge variant for every S (no compiles as lengths grow)
+            HEAD_DIM=head_dim, CHUNK=merge_chunk(num_splits), TILE_N=TILE, num_warps=4, **pdl_launch(q.device))
     return out

@@ -54,7 +54,8 @@ try:
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
-SKINNY_MAX_M = 16  # rows up to which `use_skinny` takes the kernel (graph batch sizes 1..16)
+SKINNY_MAX_M = 64  # rows up to which `use_skinny` takes the kernel (on CUDA: the shapes `TUNED` lists)
+INTERPRET_MAX_M = 16  # ... and under Triton's interpreter (CPU tests), where untuned shapes take it too
 FMA_MAX_M = 4  # the benchmark tries the broadcast-FMA inner product up to this many rows (3-D accumulator)
 TARGET_PROGRAMS = 256  # BLOCK_N shrinks (down to its minimum) until the grid has this many tiles ...
 MIN_PROGRAMS = 128  # ... and split-K doubles while fewer programs than this (~ one per SM of an H200)
@@ -88,7 +89,9 @@ def _tuned_30b_a3b() -> dict[tuple[int, int, int], SkinnyConfig | None]:
     """`benchmarks/bench_skinny_gemm.py` on an H200 (2026-11-30, weights cycled past L2, CUDA graphs;
     benchmarks/results/skinny_gemm_30b-a3b-20261130T062751.json), µs per call, cuBLAS -> this kernel:
       qkv 2048->5120   8.0 -> 8.1 (cuBLAS kept)      o_proj 4096->2048  9.4 -> 8.35 (split-K 4)
-      router 2048->128 5.3 -> 3.9 (FMA, 1-2 rows)   lm_head 2048->151936  150 -> 141"""
+      router 2048->128 5.3 -> 3.9 (FMA, 1-2 rows)   lm_head 2048->151936  150 -> 141
+    and for 32 / 64 rows (skinny_gemm_30b-a3b-20261130T141437.json): o_proj 9.0 / 10.1 -> 7.4 / 8.0 (cuBLAS's
+    split-K takes a second kernel), router 5.7 / 5.6 -> 3.6 / 3.8; qkv 8.3 -> 8.4 / 8.9 (cuBLAS kept)."""
     dot = dict(block_k=128, num_warps=4, num_stages=4, dot=True)
     table: dict[tuple[int, int, int], SkinnyConfig | None] = {}
     for rows in (1, 2, 4, 8, 16):
@@ -98,6 +101,11 @@ def _tuned_30b_a3b() -> dict[tuple[int, int, int], SkinnyConfig | None]:
         table[(rows, 128, 2048)] = (
             SkinnyConfig(block_n=4, block_k=512, split_k=1, num_warps=4, num_stages=1, dot=False) if rows <= 2
             else SkinnyConfig(block_n=64 if rows == 4 else 16, split_k=8, **dot))
+    for rows in (32, 64):  # the LM head was not swept at these rows: cuBLAS
+        table[(rows, 5120, 2048)] = None
+        table[(rows, 2048, 4096)] = SkinnyConfig(block_n=64, split_k=4, **dot)
+    table[(32, 128, 2048)] = SkinnyConfig(block_n=64, block_k=256, split_k=4, num_warps=4, num_stages=3, dot=True)
+    table[(64, 128, 2048)] = SkinnyConfig(block_n=64, split_k=8, **dot)
     return table
 
 
@@ -149,7 +157,7 @@ def skinny_config(m: int, n: int, k: int) -> SkinnyConfig:
 def use_skinny(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether x [m, k] · W [n, k]^T in `dtype` on `device` should take `skinny_linear`: the switch is
     on, bf16/fp16, 1 <= m <= SKINNY_MAX_M, K a multiple of 16 (16-byte aligned rows), a CUDA device
-    (or Triton's interpreter), and on CUDA a `TUNED` entry that beat cuBLAS (the interpreter also
+    (or Triton's interpreter, up to INTERPRET_MAX_M rows), and on CUDA a `TUNED` entry that beat cuBLAS (the interpreter also
     takes untuned shapes, so the tests exercise the default rule). The caller
     checks the tensors themselves (same dtype, unit stride along K, no FP8 scales)."""
     if not _ENABLED or triton is None or dtype not in _HALF:
@@ -161,7 +169,7 @@ def use_skinny(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device)
     key = (row_bucket(m), n, k)
     if device.type == "cuda":
         return TUNED.get(key) is not None  # measured wins only
-    return key not in TUNED or TUNED[key] is not None
+    return m <= INTERPRET_MAX_M and (key not in TUNED or TUNED[key] is not None)
 
 
 def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

@@ -9,8 +9,7 @@ dependent launch off or wait-first (`kernels.pdl`), the fused post-attention nor
 `kernels.norm_router.ROUTER_TILE` and `ROUTER_TILE_SMALL`), batch-1 fused-MoE tiles
 (`kernels.fused_moe._DECODE_TINY`), qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the
 register-tile GEMV's shapes and tiles (`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles
-(`kernels.moe_gemv.TUNED`), the grouped MoE GEMMs without an alignment (`kernels.fused_moe.DIRECT_MAX_PAIRS`),
-decode attention's splits merged by the last to arrive
+(`kernels.moe_gemv.TUNED`), decode attention's splits merged by the last to arrive
 (`kernels.paged_attention.LAST_SPLIT_MERGE`) and its launch (`NUM_STAGES`, `PROGRAMS_PER_SM`, the merge kernel's
 splits per step `merge_chunk`), the
 routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`), the
@@ -99,7 +98,6 @@ VARIANTS: dict[str, Any] = {
     "gemv_qkv_4k": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(4096, 4)})],
     "gemv_qkv_16k": lambda: [(gv, "TUNED", {**gv.TUNED, (1, 5120, 2048): gv.GemvConfig(16384, 4)})],
     "moe_gemv_off": lambda: [(mg, "TUNED", {})],
-    "moe_direct_off": lambda: [(fm, "DIRECT_MAX_PAIRS", 0)],  # the routing builds the expert-sorted layout
     "qk_rope_unfolded": lambda: [(attn_mod, "FOLD_DECODE_PROLOGUE", False)],
     "qk_rope_folded": lambda: [(attn_mod, "FOLD_DECODE_PROLOGUE", True)],
     "topk_two_reductions": lambda: [(mr, "PACKED_TOPK_MAX_ROWS", 0)],

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 import qwen3coder.models.layers.moe as moe_mod  # noqa: E402
 from qwen3coder.kernels.fused_moe import fused_moe, moe_align, moe_block_m  # noqa: E402
 from qwen3coder.kernels.moe_routing import (  # noqa: E402
-    fused_route_align, fused_routing_fits, route_topk, tiled_route_align)
+    fused_route_align, fused_routing_fits, tiled_route_align)
 from qwen3coder.models.layers.moe import SparseMoeBlock, moe_forward_reference, route  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,23 +167,17 @@ def _reference(block: SparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("n, shared", [(1, 0), (5, 48)])
-def test_sparse_moe_block_takes_fused_routing(monkeypatch, n, shared, direct):
-    """With the Triton path on (forced on CPU: the interpreter), the block routes through one kernel —
-    the top-k alone (`route_topk`) where `fused_moe` runs without an alignment (decode batches), else
-    routing + alignment (`fused_route_align`) — matches the reference path and still keeps its router
-    logits when asked; with `fused_routing = False` it takes `route` instead."""
-    import qwen3coder.kernels.fused_moe as fm
+def test_sparse_moe_block_takes_fused_routing(monkeypatch, n, shared):
+    """With the Triton path on (forced on CPU: the interpreter), the block routes through one fused
+    kernel, matches the reference path and still keeps its router logits when asked; with
+    `fused_routing = False` it takes `route` + `moe_align` instead."""
+    monkeypatch.setattr(moe_mod, "use_triton", lambda t: True)
+    calls = []
     import qwen3coder.kernels.moe_routing as routing
 
-    monkeypatch.setattr(moe_mod, "use_triton", lambda t: True)
-    if not direct:
-        monkeypatch.setattr(fm, "DIRECT_MAX_PAIRS", 0)
-    calls = []
-    name = "route_topk" if direct else "fused_route_align"
-    real = getattr(routing, name)
-    monkeypatch.setattr(routing, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = routing.fused_route_align
+    monkeypatch.setattr(routing, "fused_route_align", lambda *a, **k: calls.append(a) or real(*a, **k))
     block = _block(64, 16, 4, 32, torch.float32, shared)
     block.keep_router_logits = True
     x = torch.randn(n, 64, generator=torch.Generator().manual_seed(4)).to(DEV)
@@ -217,26 +211,7 @@ def test_sparse_moe_block_takes_tiled_routing(monkeypatch):
     assert (got - expected).abs().max().item() <= 2e-5 * max(1.0, expected.abs().max().item())
 
 
-def _check_topk(logits: torch.Tensor, top_k: int, norm: bool, out_dtype: torch.dtype) -> None:
-    got_w, got_ids = route_topk(logits, top_k, norm, out_dtype)
-    weights, ids = route(logits, top_k, norm, out_dtype)
-    assert got_ids.dtype == torch.int32 and torch.equal(got_ids.long(), ids)
-    assert got_w.dtype == out_dtype and (got_w.float() - weights.float()).abs().max().item() <= W_TOL[out_dtype]
-
-
-@pytest.mark.parametrize("n, experts, top_k, norm", [(1, 128, 8, True), (3, 16, 4, False), (37, 60, 4, True)])
-def test_route_topk_matches_reference(n, experts, top_k, norm):
-    """The top-k alone (no alignment; programs of TOPK_ROWS tokens) equals `route`."""
-    _check_topk(_logits(n, experts, torch.float32, seed=n + 7), top_k, norm, torch.float32)
-
-
 # --- GPU: the Qwen3-30B-A3B shape in bf16 -------------------------------------------------------
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 16, 33, 64])
-def test_gpu_route_topk_30b_shape(n):
-    _check_topk(_logits(n, E30, torch.bfloat16, seed=n + 1), K30, True, torch.bfloat16)
 
 H30, E30, K30, I30 = 2048, 128, 8, 768
 

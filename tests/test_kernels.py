@@ -53,30 +53,6 @@ def test_fused_moe_matches_reference(dtype, n_tokens, experts, top_k, hidden, in
     assert (got - expected).abs().max().item() <= TOL[dtype] * max(1.0, scale)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_tokens, experts, top_k", [(1, 8, 2), (40, 4, 2), (64, 128, 8)])
-def test_fused_moe_direct_equals_aligned(dtype, n_tokens, experts, top_k, monkeypatch):
-    """Decode batches skip the alignment: each program owns an expert and finds its tokens in topk_ids
-    (`DIRECT_MAX_PAIRS`). Same rows in the same order as the aligned layout, so bitwise the same output —
-    also where an expert gets more than BLOCK_M tokens (40 tokens on 4 experts: its rows in two chunks)."""
-    import qwen3coder.kernels.fused_moe as fm
-
-    assert fm.direct_fits(n_tokens, top_k)
-    g = torch.Generator().manual_seed(3)
-    hidden, inter = 64, 32
-    x = torch.randn(n_tokens, hidden, generator=g).to(DEV, dtype)
-    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) * 0.1).to(DEV, dtype)
-    w2 = (torch.randn(experts, hidden, inter, generator=g) * 0.1).to(DEV, dtype)
-    weights, ids = route(torch.randn(n_tokens, experts, generator=g).to(DEV, dtype), top_k, True, dtype)
-    direct = fused_moe(x, w13, w2, weights, ids.int(), reduce=False)
-    monkeypatch.setattr(fm, "DIRECT_MAX_PAIRS", 0)
-    assert not fm.direct_fits(n_tokens, top_k)
-    aligned = fused_moe(x, w13, w2, weights, ids.int(), reduce=False)
-    assert torch.equal(direct, aligned)
-    expected = moe_forward_reference(x, w13, w2, weights, ids).float()
-    assert (direct.float().sum(1) - expected).abs().max().item() <= TOL[dtype] * max(1.0, expected.abs().max().item())
-
-
 def _tile_choices() -> list[MoETiles]:
     """Every configuration `moe_tiles` can return, plus small and large tiles."""
     table = {moe_tiles(p) for p in (1, 8, 64, 128, 512, 4096, 8192, 65536)}

@@ -77,15 +77,11 @@ def moe_block_m(num_pairs: int) -> int:
     return 64 if num_pairs <= 16384 else 128
 
 
-# Decode batches of up to this many (token, expert) pairs skip the alignment: each grouped-GEMM program
-# owns one expert and finds its tokens in topk_ids itself (`_expert_rows`); 0 turns it off.
-DIRECT_MAX_PAIRS = 512
-DIRECT_MAX_TOKENS = 64  # ... and tokens (the program's [tokens, top_k] view of topk_ids)
-
-
-def direct_fits(num_tokens: int, top_k: int) -> bool:
-    """Whether `fused_moe` runs without an alignment for this batch (`DIRECT_MAX_PAIRS`)."""
-    return num_tokens * top_k <= DIRECT_MAX_PAIRS and num_tokens <= DIRECT_MAX_TOKENS
+# Tried and dropped (2026-11-30): decode batches without an alignment, each grouped-GEMM program owning an
+# expert and finding its tokens in topk_ids (the routing then only the top-k). Slower on an H200 at 30B-A3B
+# decode: batch 4 735 vs 746 tok/s, 16 1,388 vs 1,461, 64 3,793 vs 3,866 (a grid over all 128 experts and
+# the per-program token search cost more than the one-program alignment it saved;
+# benchmarks/results/decode_variants_30b-a3b-20261130T143323.json, `baseline` = that mode there).
 
 
 def moe_align_length(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -103,7 +99,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     P = num_pairs + min(num_experts, num_pairs) * (block_m - 1) rounded up to block_m: static for a given
     batch (decode at batch 1 with top-8: 8 blocks, not one per expert).
     """
-    flat = topk_ids.flatten().long()
+    flat = topk_ids.flatten().long()  # int32 ids (the Triton routing's) as well
     num_pairs = flat.numel()
     dev = flat.device
     counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
@@ -125,34 +121,20 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 if triton is not None:
 
     @triton.jit
-    def _expert_rows(ids_ptr, expert, num_tokens, TOP_K: tl.constexpr, N_PAD: tl.constexpr, K_PAD: tl.constexpr):
-        """DIRECT mode: the tokens that chose `expert` (a token picks an expert at most once), from
-        topk_ids [num_tokens, TOP_K]: (chose [N_PAD], their pair indices token*TOP_K + k [N_PAD], their
-        rank among those tokens in token order [N_PAD], how many [scalar]) — `moe_align`'s stable order."""
-        t = tl.arange(0, N_PAD)
-        k = tl.arange(0, K_PAD)
-        ids = tl.load(ids_ptr + t[:, None] * TOP_K + k[None, :], mask=(t < num_tokens)[:, None] & (k < TOP_K)[None, :],
-                      other=-1)
-        hit = ids == expert
-        chose = tl.max(hit.to(tl.int32), axis=1)
-        pair = t * TOP_K + tl.sum(tl.where(hit, k[None, :], 0), axis=1)
-        rank = tl.cumsum(chose, axis=0) - chose
-        return chose, pair, rank, tl.sum(chose, axis=0)
-
-    @triton.jit
-    def _rows_of_chunk(chose, pair, rank, count, m0, num_pairs, BLOCK_M: tl.constexpr):
-        """DIRECT mode: the pair indices of an expert's rows m0 .. m0 + BLOCK_M - 1 (the sentinel num_pairs
-        past `count`), and which are real."""
-        slots = m0 + tl.arange(0, BLOCK_M)
-        sel = (chose[None, :] > 0) & (rank[None, :] == slots[:, None])  # [BLOCK_M, N_PAD]: one hit per real slot
-        rows = tl.sum(tl.where(sel, pair[None, :], 0), axis=1)
-        ok = slots < count
-        return tl.where(ok, rows, num_pairs), ok
-
-    @triton.jit
-    def _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, row_ok, expert, pid_n, n_out, k_in, stride_hm,
-                   stride_we, stride_wn, stride_om, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _down_proj_kernel(h_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
+                          num_pairs, n_out, k_in, stride_hm, stride_we, stride_wn, stride_om,
+                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """out[pair, n] = weight[pair] * sum_k h[pair, k] * W2[expert, n, k]."""
+        pdl_prologue(PDL)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + rows)
+        row_ok = pair < num_pairs
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_out
         ks = tl.arange(0, BLOCK_K)
@@ -173,33 +155,21 @@ if triton is not None:
                  (acc * rw[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _down_proj_kernel(h_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
-                          num_pairs, n_out, k_in, stride_hm, stride_we, stride_wn, stride_om,
-                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, DIRECT: tl.constexpr, TOP_K: tl.constexpr,
-                          N_PAD: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr):
-        """out[pair, n] = weight[pair] * sum_k h[pair, k] * W2[expert, n, k]. Program (block, n tile) of the
-        aligned layout, or with DIRECT (sorted_ids_ptr: topk_ids) program (expert, n tile) over its rows."""
+    def _gate_up_swiglu_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_pairs, inter, k_in,
+                               stride_xm, stride_we, stride_wn, stride_am, TOP_K: tl.constexpr,
+                               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """act[pair, j] = silu(x[token] . W13[e, j]) * (x[token] . W13[e, inter + j]): gate and up tiles
+        in one program, so the [pairs, 2I] intermediate never goes to memory."""
         pdl_prologue(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        if DIRECT:
-            chose, pairs, rank, count = _expert_rows(sorted_ids_ptr, pid_m, num_pairs // TOP_K, TOP_K, N_PAD, K_PAD)
-            for m0 in range(0, count, BLOCK_M):
-                pair, row_ok = _rows_of_chunk(chose, pairs, rank, count, m0, num_pairs, BLOCK_M)
-                _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, row_ok, pid_m, pid_n, n_out, k_in,
-                           stride_hm, stride_we, stride_wn, stride_om, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            expert = tl.load(block_expert_ptr + pid_m)
-            if expert >= 0:
-                pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-                _down_tile(h_ptr, w_ptr, out_ptr, weights_ptr, pair, pair < num_pairs, expert, pid_n, n_out, k_in,
-                           stride_hm, stride_we, stride_wn, stride_om, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-
-    @triton.jit
-    def _gate_up_tile(x_ptr, w_ptr, act_ptr, pair, row_ok, expert, pid_n, inter, k_in, stride_xm, stride_we,
-                      stride_wn, stride_am, TOP_K: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + rows)
+        row_ok = pair < num_pairs
         token = pair // TOP_K
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < inter
@@ -224,30 +194,6 @@ if triton is not None:
         act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
         tl.store(act_ptr + pair[:, None].to(tl.int64) * stride_am + cols[None, :],
                  act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-    @triton.jit
-    def _gate_up_swiglu_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_pairs, inter, k_in,
-                               stride_xm, stride_we, stride_wn, stride_am, TOP_K: tl.constexpr,
-                               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, DIRECT: tl.constexpr, N_PAD: tl.constexpr,
-                               K_PAD: tl.constexpr, PDL: tl.constexpr):
-        """act[pair, j] = silu(x[token] . W13[e, j]) * (x[token] . W13[e, inter + j]): gate and up tiles
-        in one program, so the [pairs, 2I] intermediate never goes to memory. Programs as `_down_proj_kernel`'s."""
-        pdl_prologue(PDL)
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        if DIRECT:
-            chose, pairs, rank, count = _expert_rows(sorted_ids_ptr, pid_m, num_pairs // TOP_K, TOP_K, N_PAD, K_PAD)
-            for m0 in range(0, count, BLOCK_M):
-                pair, row_ok = _rows_of_chunk(chose, pairs, rank, count, m0, num_pairs, BLOCK_M)
-                _gate_up_tile(x_ptr, w_ptr, act_ptr, pair, row_ok, pid_m, pid_n, inter, k_in, stride_xm, stride_we,
-                              stride_wn, stride_am, TOP_K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            expert = tl.load(block_expert_ptr + pid_m)
-            if expert >= 0:
-                pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-                _gate_up_tile(x_ptr, w_ptr, act_ptr, pair, pair < num_pairs, expert, pid_n, inter, k_in, stride_xm,
-                              stride_we, stride_wn, stride_am, TOP_K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def _fit(t: GemmTiles, n_out: int, k_in: int) -> GemmTiles:
@@ -277,33 +223,26 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
         return moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids, gemv_cfg, reduce=reduce)
     num_experts, two_i, _ = gate_up_proj.shape
     x = x.contiguous()
+    if sorted_ids is None or block_expert is None:
+        sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+    assert sorted_ids.numel() == block_expert.numel() * block_m, "alignment made with another block_m"
     inter, hidden, pairs = two_i // 2, x.shape[1], n * k
-    direct = (sorted_ids is None or block_expert is None) and direct_fits(n, k)
-    if direct:  # programs per expert find their rows in topk_ids: no alignment
-        sorted_ids = block_expert = topk_ids.contiguous()
-        grid_m = num_experts
-    else:
-        if sorted_ids is None or block_expert is None:
-            sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
-        assert sorted_ids.numel() == block_expert.numel() * block_m, "alignment made with another block_m"
-        grid_m = block_expert.numel()
     ieee = x.dtype == torch.float32  # fp32 stays exact (no TF32)
-    shape = dict(DIRECT=direct, N_PAD=max(2, triton.next_power_of_2(n)), K_PAD=max(2, triton.next_power_of_2(k)))
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     tiles = tiles or moe_tiles(pairs)
     t = _fit(tiles.gate_up, inter, hidden)
-    _gate_up_swiglu_kernel[(grid_m, triton.cdiv(inter, t.block_n))](
+    _gate_up_swiglu_kernel[(block_expert.numel(), triton.cdiv(inter, t.block_n))](
         x, gate_up_proj, act, sorted_ids, block_expert, pairs, inter, hidden, x.stride(0),
         gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), TOP_K=k,
-        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, **shape, num_warps=t.num_warps,
+        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
         num_stages=t.num_stages, **pdl_launch(x.device))
     out = torch.empty(pairs, down_proj.shape[1], dtype=x.dtype, device=x.device)
     t = _fit(tiles.down, down_proj.shape[1], inter)
-    _down_proj_kernel[(grid_m, triton.cdiv(down_proj.shape[1], t.block_n))](
+    _down_proj_kernel[(block_expert.numel(), triton.cdiv(down_proj.shape[1], t.block_n))](
         act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), pairs,
         down_proj.shape[1], inter, act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
-        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, TOP_K=k, **shape,
-        num_warps=t.num_warps, num_stages=t.num_stages, **pdl_launch(x.device))
+        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
+        num_stages=t.num_stages, **pdl_launch(x.device))
     # The sum over the top-k is not done in the down projection: float atomics would need a zeroed
     # fp32 buffer and a cast back (no fewer launches, and non-deterministic). In the models it is
     # folded into the next fused add+RMSNorm (`reduce=False`, see `SparseMoeBlock.fold_topk_sum`),

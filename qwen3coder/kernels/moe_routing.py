@@ -272,9 +272,9 @@ if triton is not None:
     def _route_align_topk_kernel(logits_ptr, weights_ptr, ids_ptr, hist_ptr, num_tokens, num_experts,
                                  stride_lm, TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr,
                                  E_PAD: tl.constexpr, K_PAD: tl.constexpr, PACKED_TOPK: tl.constexpr,
-                                 HIST: tl.constexpr, PDL: tl.constexpr):
+                                 PDL: tl.constexpr):
         """Tile t of BLOCK_T tokens: softmax + top-k + renorm + cast as `_fused_route_align_kernel`, and
-        (HIST) hist[t, e] = how many of the tile's tokens chose expert e."""
+        hist[t, e] = how many of the tile's tokens chose expert e."""
         pdl_prologue(PDL)
         tile = tl.program_id(0)
         rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -282,9 +282,8 @@ if triton is not None:
         col_ok = cols < num_experts
         slot = _softmax_topk_store(logits_ptr, weights_ptr, ids_ptr, rows, num_tokens, num_experts, stride_lm,
                                    TOP_K, NORM, BLOCK_T, E_PAD, K_PAD, PACKED_TOPK)
-        if HIST:
-            chosen = (slot >= 0).to(tl.int32)
-            tl.store(hist_ptr + tile * num_experts + cols, tl.sum(chosen, axis=0), mask=col_ok)
+        chosen = (slot >= 0).to(tl.int32)
+        tl.store(hist_ptr + tile * num_experts + cols, tl.sum(chosen, axis=0), mask=col_ok)
 
     @triton.jit
     def _route_align_scan_kernel(hist_ptr, prefix_ptr, totals_ptr, num_tiles, num_experts,
@@ -378,7 +377,7 @@ def tiled_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
     _route_align_topk_kernel[(num_tiles,)](
         router_logits, weights, ids, hist, n, num_experts, router_logits.stride(0), TOP_K=top_k,
         NORM=bool(norm_topk_prob), BLOCK_T=block_t, E_PAD=e_pad, K_PAD=_pow2(top_k),
-        PACKED_TOPK=block_t <= PACKED_TOPK_MAX_ROWS, HIST=True, num_warps=warps, **pdl_launch(dev))
+        PACKED_TOPK=block_t <= PACKED_TOPK_MAX_ROWS, num_warps=warps, **pdl_launch(dev))
     e_block = min(e_pad, 16)
     _route_align_scan_kernel[(-(-num_experts // e_block),)](
         hist, prefix, totals, num_tiles, num_experts, E_BLOCK=e_block,
@@ -390,28 +389,6 @@ def tiled_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
         B_CHUNK=max(2, min(_pow2(per_program), 4096 // max(e_pad, block_m))), num_warps=warps,
         **pdl_launch(dev))
     return RoutedPairs(weights, ids, sorted_ids, block_expert)
-
-
-# tokens per program of `route_topk`. H200, 30B-A3B router logits (64 rows): 1.8 µs per call with 4 rows
-# and 4 warps, 1.9-3.4 with 2-16 rows; the one-program routing + alignment took 11.5.
-TOPK_ROWS = 4
-
-
-def route_topk(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, out_dtype: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route` on the Triton path without the alignment (for `fused_moe`'s direct mode): (topk_weights
-    [N, k] in `out_dtype`, topk_ids [N, k] int32), programs of `TOPK_ROWS` tokens."""
-    assert triton is not None, "triton is not installed"
-    n, num_experts = router_logits.shape
-    if router_logits.stride(1) != 1:
-        router_logits = router_logits.contiguous()
-    weights = torch.empty(n, top_k, dtype=out_dtype, device=router_logits.device)
-    ids = torch.empty(n, top_k, dtype=torch.int32, device=router_logits.device)
-    _route_align_topk_kernel[(max(1, -(-n // TOPK_ROWS)),)](
-        router_logits, weights, ids, ids, n, num_experts, router_logits.stride(0), TOP_K=top_k,
-        NORM=bool(norm_topk_prob), BLOCK_T=TOPK_ROWS, E_PAD=_pow2(num_experts), K_PAD=_pow2(top_k),
-        PACKED_TOPK=TOPK_ROWS <= PACKED_TOPK_MAX_ROWS, HIST=False, num_warps=4, **pdl_launch(router_logits.device))
-    return weights, ids
 
 
 def route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, block_m: int,

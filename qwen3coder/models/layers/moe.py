@@ -154,15 +154,13 @@ class SparseMoeBlock(nn.Module):
                 and norm.weight.dtype == residual.dtype):
             x, residual = norm(hidden, residual)
             return self(x), residual
-        from qwen3coder.kernels.fused_moe import direct_fits, moe_block_m
+        from qwen3coder.kernels.fused_moe import moe_block_m
         from qwen3coder.kernels.moe_gemv import moe_gemv_config
         from qwen3coder.kernels.norm_router import fused_norm_router_route
 
         x = hidden.partials if isinstance(hidden, Partials) else hidden
-        # rows that the MoE GEMVs take, or `fused_moe` in its direct mode, need no expert-sorted layout:
-        # the routing skips it
-        align = not ((SKIP_ALIGN_FOR_GEMV and moe_gemv_config(n, residual, self.experts.gate_up_proj) is not None)
-                     or direct_fits(n, self.top_k))
+        # rows that the MoE GEMVs take need no expert-sorted layout: the routing skips it
+        align = not (SKIP_ALIGN_FOR_GEMV and moe_gemv_config(n, residual, self.experts.gate_up_proj) is not None)
         x, residual, _, r = fused_norm_router_route(x, residual, norm.weight, norm.eps, norm.zero_centered,
                                                     self.gate.weight, self.top_k, self.norm_topk_prob,
                                                     moe_block_m(n * self.top_k), align=align)
@@ -173,15 +171,11 @@ class SparseMoeBlock(nn.Module):
 
     def _fused_routing_experts(self, x: torch.Tensor, router_logits: torch.Tensor, reduce: bool = True
                                ) -> torch.Tensor:
-        """The experts' output (partials when not `reduce`) with routing in Triton: for decode batches
-        (`fused_moe.direct_fits`) the top-k alone (`route_topk`: the MoE kernels need no alignment), else
-        routing + alignment in one launch (`fused_route_align`) or three (`tiled_route_align`)."""
-        from qwen3coder.kernels.fused_moe import direct_fits, moe_block_m
-        from qwen3coder.kernels.moe_routing import route_align, route_topk
+        """The experts' output (partials when not `reduce`) with routing + alignment in Triton: one
+        launch for decode-sized batches (`fused_route_align`), three for larger ones (`tiled_route_align`)."""
+        from qwen3coder.kernels.fused_moe import moe_block_m
+        from qwen3coder.kernels.moe_routing import route_align
 
-        if direct_fits(router_logits.shape[0], self.top_k):  # decode batches: no alignment (`fused_moe`)
-            topk_weights, topk_ids = route_topk(router_logits, self.top_k, self.norm_topk_prob, x.dtype)
-            return self.experts(x, topk_weights, topk_ids, reduce=reduce)
         block_m = moe_block_m(router_logits.shape[0] * self.top_k)
         r = route_align(router_logits, self.top_k, self.norm_topk_prob, block_m, x.dtype)
         return self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert), reduce=reduce)

@@ -26,6 +26,7 @@ def test_bench_quick_cpu_with_profile(tmp_path):
     assert not record["errors"], record["errors"]
     m = record["metrics"]
     for key in ("decode_bs1_tok_s", "decode_bs16_tok_s", "ttft_ms_1k", "offline_10x2048x1024_output_tok_s",
+                "offline_10x2048x1024_prefill_s", "offline_10x2048x1024_decode_step_ms",
                 "online_output_tok_s", "online_ttft_ms_p50"):
         assert m[key] > 0, key
     prof = record["profile"]["decode_bs1"]

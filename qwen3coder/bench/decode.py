@@ -9,7 +9,8 @@ decode phase: 128-token prompts; decode_bs1_sync_tok_s without async scheduling,
 decode_bs{1,16}_nopdl_tok_s with graphs captured without programmatic dependent launch), hbm_fraction_bs1
 (bytes a batch-1 decode step must read / step time / the copy bandwidth measured in the same run), ttft_ms_{1k,8k,32k}, offline_10x2048x1024_output_tok_s,
 offline_64x1024x128_total_tok_s (each after a warm-up call of the same shapes: Triton's compiles are a
-start-up cost), online_* (streaming clients through the server at a given
+start-up cost; with offline_*_prefill_s, a call of the same shapes with one output token, and
+offline_*_decode_step_ms, the rest of the run per decode step), online_* (streaming clients through the server at a given
 concurrency), and with --compare-transformers transformers_decode_bs{1,16}_tok_s on
 the same shape (transformers' fastest experts implementation available).
 """
@@ -257,6 +258,13 @@ def run(args: argparse.Namespace) -> str:
             _timed_generate(llm, _prompts(n_, inp_, cfg.vocab_size, seed=8), min(out_, 4), dev)
             t, n_out = _timed_generate(llm, _prompts(n_, inp_, cfg.vocab_size, seed=7), out_, dev)
             metrics[key] = round(((n_out + n_ * inp_) if total else n_out) / t, 1)
+            # the run by phase: the same shapes with one output token (the prefill, which samples the
+            # first), and the rest per decode step
+            t_prefill, _ = _timed_generate(llm, _prompts(n_, inp_, cfg.vocab_size, seed=9), 1, dev)
+            base = key.rsplit("_", 3)[0]  # offline_<n>x<in>x<out>
+            metrics[f"{base}_prefill_s"] = round(t_prefill, 3)
+            if out_ > 1:
+                metrics[f"{base}_decode_step_ms"] = round(max(0.0, t - t_prefill) * 1000 / (out_ - 1), 2)
         return run
 
     scenario("offline_10x2048x1024", offline(10, 2048, 1024, "offline_10x2048x1024_output_tok_s", False))
@@ -271,9 +279,11 @@ def run(args: argparse.Namespace) -> str:
             for n in (1, 16):
                 scenario(f"profile_bs{n}", lambda n=n: profiles.__setitem__(f"decode_bs{n}", profile_decode(
                     llm, n, cfg.vocab_size, steps=8 if quick else 32, replay_with_pdl=pdl_off)))
-            if not quick:  # the decode steps of the offline 10 x 2048 -> 1024 scenario (long contexts)
+            if not quick:  # the decode steps of the offline scenarios (10 x 2048 -> 1024, 64 x 1024 -> 128)
                 scenario("profile_bs10_ctx2k", lambda: profiles.__setitem__("decode_bs10_ctx2048", profile_decode(
                     llm, 10, cfg.vocab_size, steps=16, prompt_len=2048, replay_with_pdl=pdl_off)))
+                scenario("profile_bs64_ctx1k", lambda: profiles.__setitem__("decode_bs64_ctx1024", profile_decode(
+                    llm, 64, cfg.vocab_size, steps=16, prompt_len=1024, replay_with_pdl=pdl_off)))
             n_p, p_len = (2, 128) if quick else (8, 1024)
             scenario("profile_prefill", lambda: profiles.__setitem__(
                 f"prefill_{n_p}x{p_len}", profile_prefill(llm, n_p, p_len, cfg.vocab_size)))

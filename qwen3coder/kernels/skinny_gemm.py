@@ -1,6 +1,6 @@
 """Triton skinny GEMM `y = x W^T (+ b)` for a few rows of x: the dense linears of decode steps.
 
-At decode a linear layer reads its whole weight `W [N, K]` (nn.Linear's row-major layout) for 1..16
+At decode a linear layer reads its whole weight `W [N, K]` (nn.Linear's row-major layout) for 1..64
 rows of `x [M, K]`: the time is the weight's bytes over the memory bandwidth. The kernel streams W once:
 
 * Grid `(cdiv(N, BLOCK_N), S)`: a program owns BLOCK_N rows of W (output columns) and one of S

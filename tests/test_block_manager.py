@@ -3,8 +3,6 @@ fork copy-on-write, and a hypothesis test of reference-count invariants under ra
 
 from __future__ import annotations
 
-import types
-
 from hypothesis import given, settings, strategies as st
 
 from qwen3coder.engine.block_manager import BlockManager, StateSlotManager
@@ -59,21 +57,8 @@ def test_prefix_hit_and_lru_eviction():
     bm.check_invariants([c, d])
 
 
-class _SameDigest:
-    """A blake2b stand-in whose every digest is the same: every block hash collides."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def update(self, data) -> None:
-        pass
-
-    def digest(self) -> bytes:
-        return b"same"
-
-
 def test_hash_collision_is_not_reused(monkeypatch):
-    monkeypatch.setattr(sequence_mod, "hashlib", types.SimpleNamespace(blake2b=_SameDigest))
+    monkeypatch.setattr(sequence_mod, "hash_block", lambda parent, toks: b"same")
     bm = BlockManager(4, BS)
     a = make_seq([1, 2, 3, 4, 5])
     bm.allocate(a, 5)

@@ -103,11 +103,10 @@ class Sequence:
         # the new blocks' tokens as bytes in one conversion, hashed block by block (`hash_block`'s bytes)
         data = memoryview(array("q", self.token_ids[done * block_size:full * block_size]).tobytes())
         step = block_size * 8
-        parent = self.block_hashes[-1] if done else b""
-        blake2b, append = hashlib.blake2b, self.block_hashes.append
-        for i in range(full - done):  # `hash_block`'s digest in one constructor call: blake2b(parent || tokens)
-            parent = blake2b(parent + data[i * step:(i + 1) * step], digest_size=16).digest()
-            append(parent)
+        parent = self.block_hashes[-1] if done else None
+        for i in range(full - done):
+            parent = hash_block(parent, data[i * step:(i + 1) * step])
+            self.block_hashes.append(parent)
         return self.block_hashes
 
     def append_token(self, token_id: int) -> None:

@@ -7,12 +7,13 @@
 Metrics (keys of the JSON under benchmarks/results/): decode_bs{1,16,64}_tok_s (output tokens/s of the
 decode phase: 128-token prompts; decode_bs1_sync_tok_s without async scheduling,
 decode_bs{1,16}_nopdl_tok_s with graphs captured without programmatic dependent launch), hbm_fraction_bs1
-(bytes a batch-1 decode step must read / step time / the copy bandwidth measured in the same run), ttft_ms_{1k,8k,32k}, offline_10x2048x1024_output_tok_s,
-offline_64x1024x128_total_tok_s (each after a warm-up call of the same shapes: Triton's compiles are a
-start-up cost; with offline_*_prefill_s, a call of the same shapes with one output token, and
-offline_*_decode_step_ms, the rest of the run per decode step), online_* (streaming clients through the server at a given
-concurrency), and with --compare-transformers transformers_decode_bs{1,16}_tok_s on
-the same shape (transformers' fastest experts implementation available).
+(bytes a batch-1 decode step must read / step time / the copy bandwidth measured in the same run),
+ttft_ms_{1k,8k,32k}, offline_10x2048x1024_output_tok_s, offline_64x1024x128_total_tok_s (each after a
+warm-up call of the same shapes: Triton's compiles are a start-up cost; with offline_*_prefill_s, a call
+of the same shapes with one output token, and offline_*_decode_step_ms, the rest of the run per decode
+step), online_* (streaming clients through the server at a given concurrency), and with
+--compare-transformers transformers_decode_bs{1,16}_tok_s on the same shape (transformers' fastest
+experts implementation available).
 """
 
 from __future__ import annotations

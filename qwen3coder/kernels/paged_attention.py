@@ -80,8 +80,10 @@ LAST_SPLIT_MERGE = os.environ.get("QWEN3CODER_LAST_SPLIT_MERGE", "0") == "1"
 MERGE_CHUNK = 4  # splits whose partial outputs the merging program holds at once
 # ... and the merge kernel's. It once loaded one [MAX_SPLITS, HEAD_DIM] tile, mostly masked, whatever the
 # split count: 11.5 µs per layer at batch 64 (2 splits) on an H200 (30B-A3B decode); sized by the split
-# count, batch-64 decode went from 3,700 to 3,787 tok/s (`attn_merge_pad64` of bench_decode_variants.py,
-# decode_variants_30b-a3b-20261130T141602.json), batch 1 and 16 even.
+# count, batch-64 decode went from 3,700 to 3,787 tok/s (decode_variants_30b-a3b-20261130T141602.json, its
+# variant then named `attn_merge_pad64`), and in these chunks from 3,813 to 3,923 (`attn_merge_tile64` of
+# bench_decode_variants.py, decode_variants_30b-a3b-20261130T142354.json; chunks of 4: 3,930), batch 1 and
+# 16 even.
 MERGE_LOOP_CHUNK = 8
 PROGRAMS_PER_SM = 2  # split programs `choose_num_splits` aims at per SM
 NUM_WARPS = 4  # warps of a split program

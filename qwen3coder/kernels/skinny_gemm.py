@@ -157,9 +157,9 @@ def skinny_config(m: int, n: int, k: int) -> SkinnyConfig:
 def use_skinny(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether x [m, k] · W [n, k]^T in `dtype` on `device` should take `skinny_linear`: the switch is
     on, bf16/fp16, 1 <= m <= SKINNY_MAX_M, K a multiple of 16 (16-byte aligned rows), a CUDA device
-    (or Triton's interpreter, up to INTERPRET_MAX_M rows), and on CUDA a `TUNED` entry that beat cuBLAS (the interpreter also
-    takes untuned shapes, so the tests exercise the default rule). The caller
-    checks the tensors themselves (same dtype, unit stride along K, no FP8 scales)."""
+    (or Triton's interpreter, up to INTERPRET_MAX_M rows), and on CUDA a `TUNED` entry that beat
+    cuBLAS (the interpreter also takes untuned shapes, so the tests exercise the default rule). The
+    caller checks the tensors themselves (same dtype, unit stride along K, no FP8 scales)."""
     if not _ENABLED or triton is None or dtype not in _HALF:
         return False
     if not (1 <= m <= SKINNY_MAX_M and n >= 1 and k >= 16 and k % 16 == 0):

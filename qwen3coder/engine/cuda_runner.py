@@ -77,7 +77,7 @@ class CudaModelRunner(ModelRunner):
             else []
         self.num_prefill_graph_steps = 0  # steps that replayed a prefill graph
         super().__init__(config, model)
-        if not config.enforce_eager and getattr(model, "supports_cuda_graphs", False):
+        if graphable:
             self.capture_graphs()
         elif not config.enforce_eager:
             logger.info("model does not declare supports_cuda_graphs: decode runs eagerly")
@@ -283,12 +283,13 @@ class CudaModelRunner(ModelRunner):
         self.p_block_tables[:seqs, :width].copy_(ctx.block_tables)
         tile_map = build_tile_map(ctx.query_lens_cpu, block_m, map_size)
         self.p_tile_map[:map_size].copy_(torch.tensor(tile_map, dtype=torch.int32, pin_memory=True), non_blocking=True)
-        self.p_rows[:rows.numel()].copy_(rows)
-        if rows.numel() < self._prefill_rows(tokens):  # the graph's other logits rows must index this bucket
-            self.p_rows[rows.numel():self._prefill_rows(tokens)].zero_()  # (a larger one's replay left them)
+        num_rows, graph_rows = rows.numel(), self._prefill_rows(tokens)
+        self.p_rows[:num_rows].copy_(rows)
+        if num_rows < graph_rows:  # the graph's other logits rows must index this bucket (a larger one's
+            self.p_rows[num_rows:graph_rows].zero_()  # replay left them pointing past it)
         self.prefill_graphs[tokens].replay()
         self.num_prefill_graph_steps += 1
-        return self.g_logits[:rows.numel()]
+        return self.g_logits[:num_rows]
 
     # ------------------------------------------------------------------ decode graphs
     def _graph_context(self, bs: int) -> ForwardContext:

@@ -42,10 +42,11 @@ except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
 # KV splits for steps of few query tiles (a short chunk after a long cached context: an agent's turn).
-# H200, 30B-A3B attention shape, one layer in a CUDA graph (benchmarks/results/prefill_sweep_30b-a3b-*.json):
-# 16 new tokens after 8K cached: 168 us unsplit -> 40.7 with 8 splits (39.0 with 16); 128 after 8K: 142 -> 74.4
-# with 4 (114.8 with 9, 154.6 with 16); a fresh 1,024-token prompt: 53.2 unsplit -> 84.8 with 3 splits, so
-# splits start only below ~2 programs per SM and a split walks at least 512 keys.
+# H200, 30B-A3B attention shape, one layer in a CUDA graph, µs (`benchmarks/bench_prefill_attention.py --sweep`,
+# benchmarks/results/prefill_attention_30b-a3b-20261130T132613.json, 4 warps / 2 stages): 16 new tokens after
+# 8K cached: 168.5 unsplit -> 41.2 with 8 splits (39.4 with 16); 128 after 8K: 142.4 -> 74.0 with 4 (98.1 with
+# 8); eight fresh 1,024-token prompts: 304.8 unsplit -> 453.5 with 2 (8 warps). So splits start only below
+# ~2 programs per SM, and a split walks at least 512 keys.
 PREFILL_PROGRAMS_PER_SM = 2
 MAX_PREFILL_SPLITS = 16
 MIN_KEY_TILES_PER_SPLIT = 8  # BLOCK_N-token key tiles (64 at head_dim 128)
@@ -217,7 +218,7 @@ if triton is not None:
 
 def prefill_launch(block_m: int) -> tuple[int, int]:
     """(num_warps, num_stages) of the split kernel for BLOCK_M query rows."""
-    return (4 if block_m <= 64 else 8), 2  # measured with the splits above (prefill_sweep JSON)
+    return (4 if block_m <= 64 else 8), 2  # the sweep of the JSON above
 
 
 def prefill_block_m(max_query_len: int) -> int:

@@ -2,12 +2,15 @@
 
 For each batch (tokens) it routes random router logits (top-8 of 128), aligns the pairs with
 `moe_align`, and times `_gate_up_swiglu_kernel` and `_down_proj_kernel` separately for each launch
-configuration (BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M candidates for prefill-size batches):
+configuration (BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M candidates for prefill-size batches;
+the program order `group_m`: the default tiles with each of `--group-m`, the other tiles with
+`--sweep-group-m`):
 `--layers` distinct weight sets (so the L2 cache does not hold the weights) are called in turn
 inside one CUDA graph, replayed; µs per call and the achieved bandwidth over the touched experts'
 weights are reported against the default configuration (`qwen3coder.kernels.fused_moe.moe_tiles`).
 
     python benchmarks/bench_moe_tiles.py [--batches 1,16,8192,64,4] [--layers 8] [--time-budget 240]
+        [--group-m 0] [--sweep-group-m 0]
 
 Writes benchmarks/results/moe_tiles_30b-a3b-*.json (or --out-dir): per batch, the default and the best
 configuration of each kernel. The table in `moe_tiles` is taken from this sweep.
@@ -20,12 +23,10 @@ import itertools
 import time
 
 import torch
-import triton
 
 from qwen3coder.bench.results import write_result
 from qwen3coder.bench.timing import cuda_graph_us
 from qwen3coder.kernels import fused_moe as fm
-from qwen3coder.kernels.pdl import pdl_launch
 from qwen3coder.models.layers.moe import route
 
 HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,8192,64,4")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--time-budget", type=float, default=240.0, help="seconds; the sweep stops after it")
+    ap.add_argument("--group-m", default="0", help="program orders tried with the default tiles (0: rows first)")
+    ap.add_argument("--sweep-group-m", type=int, default=0, help="program order of the other tiles")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
     t_start = time.time()
@@ -68,15 +71,18 @@ def main() -> None:
         for kernel in ("gate_up", "down"):
             share = 2 / 3 if kernel == "gate_up" else 1 / 3
             bytes_per_call = touched * expert_bytes * share
+            flops_per_call = 2 * pairs * HIDDEN * INTER * (2 if kernel == "gate_up" else 1)
             found: list[dict[str, object]] = []
-            cands = [(default_bm, *_as_tuple(getattr(default, kernel)))]
-            for bm in ((32, 64, 128) if prefill else (16,)):
-                cands += [(bm, *c) for c in configs(prefill)]
+            base = getattr(default, kernel)
+            cands = [(default_bm, *_as_tuple(base), base.group_m)]
+            cands += [(default_bm, *_as_tuple(base), int(g)) for g in args.group_m.split(",")]
+            for bm in ((64, 128) if prefill else (16,)):
+                cands += [(bm, *c, args.sweep_group_m) for c in configs(prefill)]
             seen = set()
-            for bm, bn, bk, nw, ns in cands:
-                if (bm, bn, bk, nw, ns) in seen:
+            for bm, bn, bk, nw, ns, gm in cands:
+                if (bm, bn, bk, nw, ns, gm) in seen:
                     continue
-                seen.add((bm, bn, bk, nw, ns))
+                seen.add((bm, bn, bk, nw, ns, gm))
                 if time.time() - t_start > args.time_budget:
                     out_of_time = True
                     break
@@ -84,34 +90,32 @@ def main() -> None:
                 act = torch.randn(pairs, INTER, device=dev, dtype=torch.bfloat16)
                 out = torch.empty(pairs, HIDDEN, device=dev, dtype=torch.bfloat16)
                 wflat = weights.flatten().contiguous()
+                tiles = fm.GemmTiles(bn, bk, nw, ns, gm)
                 if kernel == "gate_up":
-                    def call(li: int, bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, si=sorted_ids, be=block_expert, act=act):
-                        fm._gate_up_swiglu_kernel[(be.numel(), triton.cdiv(INTER, bn))](
-                            x, w13[li], act, si, be, pairs, INTER, HIDDEN, x.stride(0), w13[li].stride(0),
-                            w13[li].stride(1), act.stride(0), TOP_K=TOP_K, IEEE=False, BLOCK_M=bm, BLOCK_N=bn,
-                            BLOCK_K=bk, num_warps=nw, num_stages=ns, **pdl_launch(dev))
+                    def call(li: int, bm=bm, tiles=tiles, si=sorted_ids, be=block_expert, act=act):
+                        fm.launch_gate_up(x, w13[li], act, si, be, TOP_K, bm, tiles)
                 else:
-                    def call(li: int, bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, si=sorted_ids, be=block_expert, act=act,
-                             out=out, wflat=wflat):
-                        fm._down_proj_kernel[(be.numel(), triton.cdiv(HIDDEN, bn))](
-                            act, w2[li], out, si, be, wflat, pairs, HIDDEN, INTER, act.stride(0), w2[li].stride(0),
-                            w2[li].stride(1), out.stride(0), IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                            num_warps=nw, num_stages=ns, **pdl_launch(dev))
+                    def call(li: int, bm=bm, tiles=tiles, si=sorted_ids, be=block_expert, act=act, out=out,
+                             wflat=wflat):
+                        fm.launch_down(act, w2[li], out, si, be, wflat, bm, tiles)
                 try:
                     # one graph replay calls every layer's weights in turn (L2 cannot hold them)
                     us = cuda_graph_us(lambda: [call(li) for li in range(args.layers)], 1, 20) / args.layers
                 except Exception as e:  # e.g. out of shared memory for this tile: skip the config
-                    print(f"[moe-tiles] n={n} {kernel} bm={bm} bn={bn} bk={bk} w={nw} s={ns}: "
+                    print(f"[moe-tiles] n={n} {kernel} bm={bm} bn={bn} bk={bk} w={nw} s={ns} g={gm}: "
                           f"{type(e).__name__}", flush=True)
                     torch.cuda.synchronize()
                     continue
                 found.append({"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns,
-                              "us": round(us, 2), "GBps": round(bytes_per_call / us / 1e3, 1)})
+                              "group_m": gm, "us": round(us, 2), "GBps": round(bytes_per_call / us / 1e3, 1),
+                              "TFLOPs": round(flops_per_call / us / 1e6, 1)})
             if not found:
                 continue
             best = min(found, key=lambda r: r["us"])
             rows[kernel] = {"default": found[0], "best": best,
-                            "top5": sorted(found, key=lambda r: r["us"])[:5], "tried": len(found)}
+                            "top5": sorted(found, key=lambda r: r["us"])[:5], "tried": len(found),
+                            "default_tiles_by_group_m": [r for r in found if (r["block_m"], r["block_n"], r["block_k"],
+                                                         r["num_warps"], r["num_stages"]) == cands[0][:5]]}
             print(f"[moe-tiles] n={n} {kernel}: default {found[0]['us']} us, best {best}", flush=True)
         results[f"n{n}"] = rows
         if out_of_time:

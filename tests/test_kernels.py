@@ -54,10 +54,13 @@ def test_fused_moe_matches_reference(dtype, n_tokens, experts, top_k, hidden, in
 
 
 def _tile_choices() -> list[MoETiles]:
-    """Every configuration `moe_tiles` can return, plus small and large tiles."""
+    """Every configuration `moe_tiles` can return, plus small and large tiles, and grouped program orders
+    (groups of 1, 2 and 4 of the test's 9 row blocks: the last group of 2 and of 4 partial)."""
     table = {moe_tiles(p) for p in (1, 8, 64, 128, 512, 4096, 8192, 65536)}
     return sorted(table | {MoETiles(GemmTiles(16, 128, 4, 3), GemmTiles(32, 256, 4, 5)),
-                           MoETiles(GemmTiles(128, 32, 8, 4), GemmTiles(128, 64, 8, 3))}, key=repr)
+                           MoETiles(GemmTiles(128, 32, 8, 4), GemmTiles(128, 64, 8, 3)),
+                           MoETiles(GemmTiles(16, 64, 4, 3, group_m=1), GemmTiles(32, 64, 4, 3, group_m=2)),
+                           MoETiles(GemmTiles(32, 64, 4, 3, group_m=4), GemmTiles(64, 64, 4, 3, group_m=1))}, key=repr)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -33,11 +33,17 @@ except ImportError:  # pragma: no cover
 
 @dataclass(frozen=True)
 class GemmTiles:
-    """Launch configuration of one grouped-GEMM kernel (BLOCK_M is the alignment's `block_m`)."""
+    """Launch configuration of one grouped-GEMM kernel (BLOCK_M is the alignment's `block_m`).
+
+    `group_m`: the program order. Programs walk `group_m` row blocks across every column tile before
+    the next rows (the grouped order of Triton's matmul tutorial), so a row block's activations stay
+    in L2 while its column tiles run; 0 walks all row blocks first (each weight tile is then read by
+    its expert's row blocks at the same time)."""
     block_n: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,14 +127,24 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 if triton is not None:
 
     @triton.jit
+    def _program_tile(num_pid_n, group_m):
+        """(row block, column tile) of this program in a 1-D grid of num_pid_m * num_pid_n: groups of
+        `group_m` row blocks, row blocks fastest inside a group (`group_m` >= num_pid_m: all rows first)."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.num_programs(0) // num_pid_n
+        in_group = group_m * num_pid_n
+        first_m = (pid // in_group) * group_m
+        size_m = tl.minimum(num_pid_m - first_m, group_m)
+        return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+    @triton.jit
     def _down_proj_kernel(h_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
-                          num_pairs, n_out, k_in, stride_hm, stride_we, stride_wn, stride_om,
+                          num_pairs, n_out, k_in, stride_hm, stride_we, stride_wn, stride_om, num_pid_n, group_m,
                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """out[pair, n] = weight[pair] * sum_k h[pair, k] * W2[expert, n, k]."""
         pdl_prologue(PDL)
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid_m, pid_n = _program_tile(num_pid_n, group_m)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
@@ -156,14 +172,13 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_pairs, inter, k_in,
-                               stride_xm, stride_we, stride_wn, stride_am, TOP_K: tl.constexpr,
+                               stride_xm, stride_we, stride_wn, stride_am, num_pid_n, group_m, TOP_K: tl.constexpr,
                                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """act[pair, j] = silu(x[token] . W13[e, j]) * (x[token] . W13[e, inter + j]): gate and up tiles
         in one program, so the [pairs, 2I] intermediate never goes to memory."""
         pdl_prologue(PDL)
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid_m, pid_n = _program_tile(num_pid_n, group_m)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
@@ -200,7 +215,40 @@ def _fit(t: GemmTiles, n_out: int, k_in: int) -> GemmTiles:
     """Clamp a configuration to a small problem (tiny test shapes): tiles no larger than needed."""
     bn = min(t.block_n, max(16, triton.next_power_of_2(n_out)))
     bk = min(t.block_k, max(16, triton.next_power_of_2(k_in)))
-    return GemmTiles(bn, bk, t.num_warps, t.num_stages)
+    return GemmTiles(bn, bk, t.num_warps, t.num_stages, t.group_m)
+
+
+def _grid(block_expert: torch.Tensor, n_out: int, t: GemmTiles) -> tuple[tuple[int], int, int]:
+    """1-D grid, column tiles, and the `group_m` the kernels take (0: all row blocks in one group)."""
+    num_pid_m, num_pid_n = block_expert.numel(), triton.cdiv(n_out, t.block_n)
+    return (num_pid_m * num_pid_n,), num_pid_n, (t.group_m or num_pid_m)
+
+
+def launch_gate_up(x: torch.Tensor, gate_up_proj: torch.Tensor, act: torch.Tensor, sorted_ids: torch.Tensor,
+                   block_expert: torch.Tensor, top_k: int, block_m: int, tiles: GemmTiles) -> None:
+    """act[pair] = SwiGLU over the aligned pairs (`_gate_up_swiglu_kernel`, launch configuration `tiles`)."""
+    inter, hidden = gate_up_proj.shape[1] // 2, x.shape[1]
+    t = _fit(tiles, inter, hidden)
+    grid, num_pid_n, group_m = _grid(block_expert, inter, t)
+    _gate_up_swiglu_kernel[grid](
+        x, gate_up_proj, act, sorted_ids, block_expert, act.shape[0], inter, hidden, x.stride(0),
+        gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), num_pid_n, group_m, TOP_K=top_k,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        num_warps=t.num_warps, num_stages=t.num_stages, **pdl_launch(x.device))
+
+
+def launch_down(act: torch.Tensor, down_proj: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor,
+                block_expert: torch.Tensor, topk_weights: torch.Tensor, block_m: int, tiles: GemmTiles) -> None:
+    """out[pair] = weight[pair] * act[pair] @ W2[expert]^T (`_down_proj_kernel`, configuration `tiles`);
+    `topk_weights` flat and contiguous, one per pair."""
+    hidden, inter = down_proj.shape[1], down_proj.shape[2]
+    t = _fit(tiles, hidden, inter)
+    grid, num_pid_n, group_m = _grid(block_expert, hidden, t)
+    _down_proj_kernel[grid](
+        act, down_proj, out, sorted_ids, block_expert, topk_weights, act.shape[0], hidden, inter, act.stride(0),
+        down_proj.stride(0), down_proj.stride(1), out.stride(0), num_pid_n, group_m,
+        IEEE=act.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        num_warps=t.num_warps, num_stages=t.num_stages, **pdl_launch(act.device))
 
 
 def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -226,23 +274,13 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
     if sorted_ids is None or block_expert is None:
         sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
     assert sorted_ids.numel() == block_expert.numel() * block_m, "alignment made with another block_m"
-    inter, hidden, pairs = two_i // 2, x.shape[1], n * k
-    ieee = x.dtype == torch.float32  # fp32 stays exact (no TF32)
-    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
+    inter, pairs = two_i // 2, n * k
     tiles = tiles or moe_tiles(pairs)
-    t = _fit(tiles.gate_up, inter, hidden)
-    _gate_up_swiglu_kernel[(block_expert.numel(), triton.cdiv(inter, t.block_n))](
-        x, gate_up_proj, act, sorted_ids, block_expert, pairs, inter, hidden, x.stride(0),
-        gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), TOP_K=k,
-        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
-        num_stages=t.num_stages, **pdl_launch(x.device))
+    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # fp32 stays exact (IEEE dots, no TF32)
+    launch_gate_up(x, gate_up_proj, act, sorted_ids, block_expert, k, block_m, tiles.gate_up)
     out = torch.empty(pairs, down_proj.shape[1], dtype=x.dtype, device=x.device)
-    t = _fit(tiles.down, down_proj.shape[1], inter)
-    _down_proj_kernel[(block_expert.numel(), triton.cdiv(down_proj.shape[1], t.block_n))](
-        act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), pairs,
-        down_proj.shape[1], inter, act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
-        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
-        num_stages=t.num_stages, **pdl_launch(x.device))
+    launch_down(act, down_proj, out, sorted_ids, block_expert, topk_weights.flatten().contiguous(), block_m,
+                tiles.down)
     # The sum over the top-k is not done in the down projection: float atomics would need a zeroed
     # fp32 buffer and a cast back (no fewer launches, and non-deterministic). In the models it is
     # folded into the next fused add+RMSNorm (`reduce=False`, see `SparseMoeBlock.fold_topk_sum`),

@@ -4,7 +4,7 @@ For each batch (tokens) it routes random router logits (top-8 of 128), aligns th
 `moe_align`, and times `_gate_up_swiglu_kernel` and `_down_proj_kernel` separately for each launch
 configuration (BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M candidates for prefill-size batches;
 the program order `group_m`: the default tiles with each of `--group-m`, the other tiles with
-`--sweep-group-m`):
+each of `--sweep-group-m`):
 `--layers` distinct weight sets (so the L2 cache does not hold the weights) are called in turn
 inside one CUDA graph, replayed; µs per call and the achieved bandwidth over the touched experts'
 weights are reported against the default configuration (`qwen3coder.kernels.fused_moe.moe_tiles`).
@@ -35,7 +35,7 @@ HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
 def configs(prefill: bool) -> list[tuple[int, int, int, int]]:
     """(block_n, block_k, num_warps, num_stages) candidates."""
     if prefill:
-        return list(itertools.product((64, 128), (32, 64), (4, 8), (3, 4)))
+        return list(itertools.product((64, 128), (32, 64, 128), (4, 8), (3, 4)))
     out = list(itertools.product((16, 32, 64, 128), (64, 128, 256), (4,), (3, 5)))
     out += list(itertools.product((64, 128), (128, 256), (8,), (3, 5)))
     return out
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--time-budget", type=float, default=240.0, help="seconds; the sweep stops after it")
     ap.add_argument("--group-m", default="0", help="program orders tried with the default tiles (0: rows first)")
-    ap.add_argument("--sweep-group-m", type=int, default=0, help="program order of the other tiles")
+    ap.add_argument("--sweep-group-m", default="0", help="program orders tried with the other tiles")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
     t_start = time.time()
@@ -77,7 +77,7 @@ def main() -> None:
             cands = [(default_bm, *_as_tuple(base), base.group_m)]
             cands += [(default_bm, *_as_tuple(base), int(g)) for g in args.group_m.split(",")]
             for bm in ((64, 128) if prefill else (16,)):
-                cands += [(bm, *c, args.sweep_group_m) for c in configs(prefill)]
+                cands += [(bm, *c, int(g)) for c in configs(prefill) for g in args.sweep_group_m.split(",")]
             seen = set()
             for bm, bn, bk, nw, ns, gm in cands:
                 if (bm, bn, bk, nw, ns, gm) in seen:
@@ -91,6 +91,12 @@ def main() -> None:
                 out = torch.empty(pairs, HIDDEN, device=dev, dtype=torch.bfloat16)
                 wflat = weights.flatten().contiguous()
                 tiles = fm.GemmTiles(bn, bk, nw, ns, gm)
+                n_out, k_in = (INTER, HIDDEN) if kernel == "gate_up" else (HIDDEN, INTER)
+                if fm.fit_tiles(tiles, n_out, k_in, bm, torch.bfloat16, 2 if kernel == "gate_up" else 1,
+                                x.device) != tiles:
+                    print(f"[moe-tiles] n={n} {kernel} bm={bm} bn={bn} bk={bk} s={ns}: exceeds shared memory",
+                          flush=True)
+                    continue
                 if kernel == "gate_up":
                     def call(li: int, bm=bm, tiles=tiles, si=sorted_ids, be=block_expert, act=act):
                         fm.launch_gate_up(x, w13[li], act, si, be, TOP_K, bm, tiles)

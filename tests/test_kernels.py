@@ -78,6 +78,21 @@ def test_fused_moe_tiles_match_reference(dtype, tiles):
     assert (got - expected).abs().max().item() <= TOL[dtype] * max(1.0, expected.abs().max().item())
 
 
+def test_fit_tiles_to_shared_memory(monkeypatch):
+    """On a device with 227 KB of shared memory per program (an H100/H200), the batch-1 gate_up tiles
+    tuned for bf16 keep their 5 stages in bf16 and drop to 3 in fp32 (5 would need 360 KB); a K step
+    too wide even for 2 stages is halved; off CUDA nothing is limited."""
+    import qwen3coder.kernels.fused_moe as fm
+    tiles = GemmTiles(64, 128, 8, 5)
+    cpu = torch.device("cpu")
+    assert fm.fit_tiles(tiles, 768, 2048, 16, torch.float32, 2, cpu) == tiles
+    monkeypatch.setattr(fm, "_smem_limit", lambda device: 232448)
+    assert fm.fit_tiles(tiles, 768, 2048, 16, torch.bfloat16, 2, cpu) == tiles
+    assert fm.fit_tiles(tiles, 768, 2048, 16, torch.float32, 2, cpu) == GemmTiles(64, 128, 8, 3)
+    assert fm.fit_tiles(GemmTiles(256, 512, 8, 3, group_m=4), 768, 2048, 128, torch.float32, 2, cpu) == \
+        GemmTiles(256, 32, 8, 2, group_m=4)
+
+
 def _paged_case(seq_lens, heads, kv_heads, head_dim, block_size, dtype, seed=1, width=None):
     """Random caches with each sequence on non-contiguous blocks; tables -1 padded to `width` blocks."""
     g = torch.Generator().manual_seed(seed)

@@ -15,6 +15,7 @@ its `sorted_ids` / `block_expert`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -211,11 +212,34 @@ if triton is not None:
                  act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _fit(t: GemmTiles, n_out: int, k_in: int) -> GemmTiles:
-    """Clamp a configuration to a small problem (tiny test shapes): tiles no larger than needed."""
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device: torch.device) -> int | None:
+    """Shared memory one program may use on `device` (None off CUDA: the interpreter has no limit)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024))
+
+
+def fit_tiles(t: GemmTiles, n_out: int, k_in: int, block_m: int, dtype: torch.dtype, weight_tiles: int,
+              device: torch.device) -> GemmTiles:
+    """`t` clamped to the problem and the device: tiles no larger than needed (tiny test shapes), then
+    fewer pipeline stages (down to 2), then narrower K steps, until the stages' operand tiles (the
+    activation tile and `weight_tiles` weight tiles per stage) fit in shared memory. fp32 needs twice
+    bf16's room: the decode tiles tuned for bf16 do not fit in fp32 at their stage counts."""
     bn = min(t.block_n, max(16, triton.next_power_of_2(n_out)))
     bk = min(t.block_k, max(16, triton.next_power_of_2(k_in)))
-    return GemmTiles(bn, bk, t.num_warps, t.num_stages, t.group_m)
+    stages, limit, size = t.num_stages, _smem_limit(device), torch.finfo(dtype).bits // 8
+
+    def smem(stages: int, bk: int) -> int:
+        return stages * (block_m + weight_tiles * bn) * bk * size
+
+    if limit is not None:
+        while stages > 2 and smem(stages, bk) > limit:
+            stages -= 1
+        while bk > 16 and smem(stages, bk) > limit:
+            bk //= 2
+    return GemmTiles(bn, bk, t.num_warps, stages, t.group_m)
 
 
 def _grid(block_expert: torch.Tensor, n_out: int, t: GemmTiles) -> tuple[tuple[int], int, int]:
@@ -228,7 +252,7 @@ def launch_gate_up(x: torch.Tensor, gate_up_proj: torch.Tensor, act: torch.Tenso
                    block_expert: torch.Tensor, top_k: int, block_m: int, tiles: GemmTiles) -> None:
     """act[pair] = SwiGLU over the aligned pairs (`_gate_up_swiglu_kernel`, launch configuration `tiles`)."""
     inter, hidden = gate_up_proj.shape[1] // 2, x.shape[1]
-    t = _fit(tiles, inter, hidden)
+    t = fit_tiles(tiles, inter, hidden, block_m, x.dtype, 2, x.device)
     grid, num_pid_n, group_m = _grid(block_expert, inter, t)
     _gate_up_swiglu_kernel[grid](
         x, gate_up_proj, act, sorted_ids, block_expert, act.shape[0], inter, hidden, x.stride(0),
@@ -242,7 +266,7 @@ def launch_down(act: torch.Tensor, down_proj: torch.Tensor, out: torch.Tensor, s
     """out[pair] = weight[pair] * act[pair] @ W2[expert]^T (`_down_proj_kernel`, configuration `tiles`);
     `topk_weights` flat and contiguous, one per pair."""
     hidden, inter = down_proj.shape[1], down_proj.shape[2]
-    t = _fit(tiles, hidden, inter)
+    t = fit_tiles(tiles, hidden, inter, block_m, act.dtype, 1, act.device)
     grid, num_pid_n, group_m = _grid(block_expert, hidden, t)
     _down_proj_kernel[grid](
         act, down_proj, out, sorted_ids, block_expert, topk_weights, act.shape[0], hidden, inter, act.stride(0),

@@ -64,7 +64,7 @@ def main() -> None:
         weights, ids = route(torch.randn(n, EXPERTS, device=dev), TOP_K, True, torch.bfloat16)
         pairs = n * TOP_K
         touched = int(torch.unique(ids).numel())
-        prefill = pairs > 4096
+        prefill = pairs >= 2048  # prefill-size tiles tried from 256 tokens (the default switches at 4096 pairs)
         rows: dict[str, object] = {"pairs": pairs, "experts_touched": touched}
         default = fm.moe_tiles(pairs)
         default_bm = fm.moe_block_m(pairs)
@@ -76,8 +76,9 @@ def main() -> None:
             base = getattr(default, kernel)
             cands = [(default_bm, *_as_tuple(base), base.group_m)]
             cands += [(default_bm, *_as_tuple(base), int(g)) for g in args.group_m.split(",")]
-            for bm in ((64, 128) if prefill else (16,)):
-                cands += [(bm, *c, int(g)) for c in configs(prefill) for g in args.sweep_group_m.split(",")]
+            for bm in ((16, 64, 128) if prefill else (16,)):
+                cands += [(bm, *c, int(g)) for c in configs(prefill and bm > 16)
+                          for g in args.sweep_group_m.split(",")]
             seen = set()
             for bm, bn, bk, nw, ns, gm in cands:
                 if (bm, bn, bk, nw, ns, gm) in seen:

@@ -64,7 +64,7 @@ class MoETiles:
 # sets tried in `qwen3coder bench`; 16-wide gate_up tiles lost: 296).
 _DECODE_TINY = MoETiles(GemmTiles(64, 128, 8, 5), GemmTiles(64, 256, 4, 3))
 _DECODE = MoETiles(GemmTiles(32, 256, 4, 3), GemmTiles(64, 128, 4, 3))
-_PREFILL = MoETiles(GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 3))
+_PREFILL = MoETiles(GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 3, group_m=1))
 
 
 def moe_tiles(num_pairs: int) -> MoETiles:
@@ -81,7 +81,7 @@ def moe_block_m(num_pairs: int) -> int:
     batches (an expert gets a few rows), larger for prefill where experts get hundreds of rows."""
     if num_pairs <= 4096:
         return 16
-    return 64 if num_pairs <= 16384 else 128
+    return 64 if num_pairs <= 8192 else 128
 
 
 # Tried and dropped (2026-11-30): decode batches without an alignment, each grouped-GEMM program owning an

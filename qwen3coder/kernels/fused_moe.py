@@ -62,26 +62,36 @@ class MoETiles:
 # Batch 1 re-measured in the engine (decode graphs with programmatic dependent launch, 2026-11-30):
 # gate_up 8 warps and down 256-wide K steps took batch-1 decode from 317 to 324 tok/s (of five tile
 # sets tried in `qwen3coder bench`; 16-wide gate_up tiles lost: 296).
+# Prefill chunks (2026-11-30, tenth session; …T152915, …T153446, …T153550, …T153613): the down projection's
+# activations (pairs x 768) outgrow the L2 at prefill sizes, so walking a row block across all its column
+# tiles first (`group_m=1`) pays: 8,192 tokens 633 / 615 -> 478 / 455 µs (two runs); gate_up's gathered
+# token rows fit the L2 anyway (even within run-to-run noise: 787-848 vs 805-844). BLOCK_M 64 tiles from
+# 129 tokens: 256 tokens gate_up 206 -> 189, down 110 -> 105; 512 tokens 285 -> 193, 151 -> 108 (at
+# 4.2 TB/s); 128 tokens stays on the decode tiles (183 / 99 µs, none better). BLOCK_M 128 from 16,384
+# pairs: 2,048 tokens gate_up 332 -> 292, down 233 -> 167.
 _DECODE_TINY = MoETiles(GemmTiles(64, 128, 8, 5), GemmTiles(64, 256, 4, 3))
 _DECODE = MoETiles(GemmTiles(32, 256, 4, 3), GemmTiles(64, 128, 4, 3))
+_MID = MoETiles(GemmTiles(64, 64, 4, 3, group_m=1), GemmTiles(128, 64, 8, 4, group_m=1))
 _PREFILL = MoETiles(GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 3, group_m=1))
+DECODE_MAX_PAIRS = 1024  # (token, expert) pairs up to which the decode tiles (BLOCK_M 16) run
+MID_MAX_PAIRS = 8192  # ... and up to which BLOCK_M 64
 
 
 def moe_tiles(num_pairs: int) -> MoETiles:
     """Launch tiles of the two grouped GEMMs for `num_pairs` (token, expert) pairs."""
     if num_pairs <= 32:
         return _DECODE_TINY
-    if num_pairs <= 4096:
+    if num_pairs <= DECODE_MAX_PAIRS:
         return _DECODE
-    return _PREFILL
+    return _MID if num_pairs <= MID_MAX_PAIRS else _PREFILL
 
 
 def moe_block_m(num_pairs: int) -> int:
     """BLOCK_M (token rows per grouped-GEMM tile) for `num_pairs` (token, expert) pairs: 16 for decode
-    batches (an expert gets a few rows), larger for prefill where experts get hundreds of rows."""
-    if num_pairs <= 4096:
+    batches (an expert gets a few rows), larger for prefill where experts get dozens to hundreds."""
+    if num_pairs <= DECODE_MAX_PAIRS:
         return 16
-    return 64 if num_pairs <= 8192 else 128
+    return 64 if num_pairs <= MID_MAX_PAIRS else 128
 
 
 # Tried and dropped (2026-11-30): decode batches without an alignment, each grouped-GEMM program owning an

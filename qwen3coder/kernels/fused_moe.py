@@ -138,24 +138,32 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 if triton is not None:
 
     @triton.jit
-    def _program_tile(num_pid_n, group_m):
+    def _program_tile(num_pid_n, GROUP_M: tl.constexpr):
         """(row block, column tile) of this program in a 1-D grid of num_pid_m * num_pid_n: groups of
-        `group_m` row blocks, row blocks fastest inside a group (`group_m` >= num_pid_m: all rows first)."""
+        GROUP_M row blocks, row blocks fastest inside a group; GROUP_M 0: all row blocks first. A
+        compile-time constant: a runtime value would be specialised by Triton (== 1, multiple of 16) and
+        an eager step with a new row-block count could compile a variant mid-serving."""
         pid = tl.program_id(0)
         num_pid_m = tl.num_programs(0) // num_pid_n
-        in_group = group_m * num_pid_n
-        first_m = (pid // in_group) * group_m
-        size_m = tl.minimum(num_pid_m - first_m, group_m)
-        return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+        if GROUP_M == 0:
+            pid_m = pid % num_pid_m
+            pid_n = pid // num_pid_m
+        else:
+            in_group = GROUP_M * num_pid_n
+            first_m = (pid // in_group) * GROUP_M
+            size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+            pid_m = first_m + (pid % in_group) % size_m
+            pid_n = (pid % in_group) // size_m
+        return pid_m, pid_n
 
     @triton.jit
     def _down_proj_kernel(h_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
-                          num_pairs, n_out, k_in, stride_hm, stride_we, stride_wn, stride_om, num_pid_n, group_m,
-                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                          num_pairs, n_out, k_in, stride_hm, stride_we, stride_wn, stride_om, num_pid_n,
+                          GROUP_M: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """out[pair, n] = weight[pair] * sum_k h[pair, k] * W2[expert, n, k]."""
         pdl_prologue(PDL)
-        pid_m, pid_n = _program_tile(num_pid_n, group_m)
+        pid_m, pid_n = _program_tile(num_pid_n, GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
@@ -183,13 +191,14 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_pairs, inter, k_in,
-                               stride_xm, stride_we, stride_wn, stride_am, num_pid_n, group_m, TOP_K: tl.constexpr,
+                               stride_xm, stride_we, stride_wn, stride_am, num_pid_n, GROUP_M: tl.constexpr,
+                               TOP_K: tl.constexpr,
                                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """act[pair, j] = silu(x[token] . W13[e, j]) * (x[token] . W13[e, inter + j]): gate and up tiles
         in one program, so the [pairs, 2I] intermediate never goes to memory."""
         pdl_prologue(PDL)
-        pid_m, pid_n = _program_tile(num_pid_n, group_m)
+        pid_m, pid_n = _program_tile(num_pid_n, GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
@@ -252,10 +261,10 @@ def fit_tiles(t: GemmTiles, n_out: int, k_in: int, block_m: int, dtype: torch.dt
     return GemmTiles(bn, bk, t.num_warps, stages, t.group_m)
 
 
-def _grid(block_expert: torch.Tensor, n_out: int, t: GemmTiles) -> tuple[tuple[int], int, int]:
-    """1-D grid, column tiles, and the `group_m` the kernels take (0: all row blocks in one group)."""
+def _grid(block_expert: torch.Tensor, n_out: int, t: GemmTiles) -> tuple[tuple[int], int]:
+    """1-D grid and the column tiles of the kernels' `_program_tile`."""
     num_pid_m, num_pid_n = block_expert.numel(), triton.cdiv(n_out, t.block_n)
-    return (num_pid_m * num_pid_n,), num_pid_n, (t.group_m or num_pid_m)
+    return (num_pid_m * num_pid_n,), num_pid_n
 
 
 def launch_gate_up(x: torch.Tensor, gate_up_proj: torch.Tensor, act: torch.Tensor, sorted_ids: torch.Tensor,
@@ -263,10 +272,10 @@ def launch_gate_up(x: torch.Tensor, gate_up_proj: torch.Tensor, act: torch.Tenso
     """act[pair] = SwiGLU over the aligned pairs (`_gate_up_swiglu_kernel`, launch configuration `tiles`)."""
     inter, hidden = gate_up_proj.shape[1] // 2, x.shape[1]
     t = fit_tiles(tiles, inter, hidden, block_m, x.dtype, 2, x.device)
-    grid, num_pid_n, group_m = _grid(block_expert, inter, t)
+    grid, num_pid_n = _grid(block_expert, inter, t)
     _gate_up_swiglu_kernel[grid](
         x, gate_up_proj, act, sorted_ids, block_expert, act.shape[0], inter, hidden, x.stride(0),
-        gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), num_pid_n, group_m, TOP_K=top_k,
+        gate_up_proj.stride(0), gate_up_proj.stride(1), act.stride(0), num_pid_n, GROUP_M=t.group_m, TOP_K=top_k,
         IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.num_warps, num_stages=t.num_stages, **pdl_launch(x.device))
 
@@ -277,10 +286,10 @@ def launch_down(act: torch.Tensor, down_proj: torch.Tensor, out: torch.Tensor, s
     `topk_weights` flat and contiguous, one per pair."""
     hidden, inter = down_proj.shape[1], down_proj.shape[2]
     t = fit_tiles(tiles, hidden, inter, block_m, act.dtype, 1, act.device)
-    grid, num_pid_n, group_m = _grid(block_expert, hidden, t)
+    grid, num_pid_n = _grid(block_expert, hidden, t)
     _down_proj_kernel[grid](
         act, down_proj, out, sorted_ids, block_expert, topk_weights, act.shape[0], hidden, inter, act.stride(0),
-        down_proj.stride(0), down_proj.stride(1), out.stride(0), num_pid_n, group_m,
+        down_proj.stride(0), down_proj.stride(1), out.stride(0), num_pid_n, GROUP_M=t.group_m,
         IEEE=act.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.num_warps, num_stages=t.num_stages, **pdl_launch(act.device))
 

@@ -139,16 +139,16 @@ if triton is not None:
 
     @triton.jit
     def _program_tile(num_pid_n, GROUP_M: tl.constexpr):
-        """(row block, column tile) of this program in a 1-D grid of num_pid_m * num_pid_n: groups of
-        GROUP_M row blocks, row blocks fastest inside a group; GROUP_M 0: all row blocks first. A
-        compile-time constant: a runtime value would be specialised by Triton (== 1, multiple of 16) and
-        an eager step with a new row-block count could compile a variant mid-serving."""
-        pid = tl.program_id(0)
-        num_pid_m = tl.num_programs(0) // num_pid_n
+        """(row block, column tile) of this program. GROUP_M 0: the 2-D grid (row blocks, column tiles),
+        row blocks fastest. Otherwise a 1-D grid of num_pid_m * num_pid_n programs in groups of GROUP_M
+        row blocks, row blocks fastest inside a group. A compile-time constant: a runtime value would be
+        specialised by Triton (== 1, multiple of 16), so a new row-block count could compile mid-serving."""
         if GROUP_M == 0:
-            pid_m = pid % num_pid_m
-            pid_n = pid // num_pid_m
+            pid_m = tl.program_id(0)
+            pid_n = tl.program_id(1)
         else:
+            pid = tl.program_id(0)
+            num_pid_m = tl.num_programs(0) // num_pid_n
             in_group = GROUP_M * num_pid_n
             first_m = (pid // in_group) * GROUP_M
             size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -261,10 +261,10 @@ def fit_tiles(t: GemmTiles, n_out: int, k_in: int, block_m: int, dtype: torch.dt
     return GemmTiles(bn, bk, t.num_warps, stages, t.group_m)
 
 
-def _grid(block_expert: torch.Tensor, n_out: int, t: GemmTiles) -> tuple[tuple[int], int]:
-    """1-D grid and the column tiles of the kernels' `_program_tile`."""
+def _grid(block_expert: torch.Tensor, n_out: int, t: GemmTiles) -> tuple[tuple[int, ...], int]:
+    """The kernels' grid and column tiles (`_program_tile`: 2-D for `group_m` 0, else 1-D)."""
     num_pid_m, num_pid_n = block_expert.numel(), triton.cdiv(n_out, t.block_n)
-    return (num_pid_m * num_pid_n,), num_pid_n
+    return ((num_pid_m, num_pid_n) if t.group_m == 0 else (num_pid_m * num_pid_n,)), num_pid_n
 
 
 def launch_gate_up(x: torch.Tensor, gate_up_proj: torch.Tensor, act: torch.Tensor, sorted_ids: torch.Tensor,

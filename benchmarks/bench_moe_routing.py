@@ -46,7 +46,7 @@ def bench_batch(block: SparseMoeBlock, n: int, block_reps: int) -> tuple[dict, l
     x = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
     logits = block.gate(x)
     experts, top_k = logits.shape[1], block.top_k
-    bm = moe_block_m(n * top_k)
+    bm = moe_block_m(n * top_k, experts)
     fits = routing.fused_routing_fits(n, experts, top_k)
 
     def torch_routing() -> object:

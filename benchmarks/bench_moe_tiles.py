@@ -66,8 +66,8 @@ def main() -> None:
         touched = int(torch.unique(ids).numel())
         prefill = pairs >= 2048  # prefill-size tiles tried from 256 tokens (the default switches at 4096 pairs)
         rows: dict[str, object] = {"pairs": pairs, "experts_touched": touched}
-        default = fm.moe_tiles(pairs)
-        default_bm = fm.moe_block_m(pairs)
+        default = fm.moe_tiles(pairs, EXPERTS)
+        default_bm = fm.moe_block_m(pairs, EXPERTS)
         for kernel in ("gate_up", "down"):
             share = 2 / 3 if kernel == "gate_up" else 1 / 3
             bytes_per_call = touched * expert_bytes * share

@@ -140,7 +140,7 @@ def test_fused_moe_with_fused_routing(n, experts, top_k):
     w13, w2 = _weights(experts, hidden, inter, torch.float32, seed=n)
     x = torch.randn(n, hidden, generator=torch.Generator().manual_seed(1)).to(DEV)
     logits = _logits(n, experts, torch.float32, seed=2)
-    block_m = moe_block_m(n * top_k)
+    block_m = moe_block_m(n * top_k, experts)
     r = fused_route_align(logits, top_k, True, block_m, torch.float32)
     got = fused_moe(x, w13, w2, r.topk_weights, r.topk_ids, block_m, r.sorted_ids, r.block_expert)
     weights, ids = route(logits, top_k, True, torch.float32)
@@ -220,15 +220,15 @@ H30, E30, K30, I30 = 2048, 128, 8, 768
 @pytest.mark.parametrize("n", [1, 2, 8, 64, 128])
 def test_gpu_route_align_30b_shape(n):
     logits = _logits(n, E30, torch.bfloat16, seed=n)
-    _check_parity(logits, K30, True, moe_block_m(n * K30), torch.bfloat16)
+    _check_parity(logits, K30, True, moe_block_m(n * K30, E30), torch.bfloat16)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [300, 1024, 8192])
 def test_gpu_tiled_route_align_30b_shape(n):
-    """Prefill sizes: the tiled path against `route` + `moe_align` (BLOCK_M 64 at 8192 tokens)."""
+    """Prefill sizes: the tiled path against `route` + `moe_align` (BLOCK_M 128 at 8192 tokens)."""
     logits = _logits(n, E30, torch.bfloat16, seed=n)
-    _check_parity(logits, K30, True, moe_block_m(n * K30), torch.bfloat16, fn=tiled_route_align)
+    _check_parity(logits, K30, True, moe_block_m(n * K30, E30), torch.bfloat16, fn=tiled_route_align)
 
 
 @pytest.mark.gpu
@@ -239,7 +239,7 @@ def test_gpu_tiled_route_align_bf16_ties():
     x = torch.randn(n, H30, device=DEV, dtype=torch.bfloat16)
     w = torch.randn(E30, H30, device=DEV, dtype=torch.bfloat16) * H30 ** -0.5
     logits = x @ w.t()
-    bm = moe_block_m(n * K30)
+    bm = moe_block_m(n * K30, E30)
     r = tiled_route_align(logits, K30, True, bm, torch.bfloat16)
     expected_ids = torch.sort(-logits.float(), dim=1, stable=True).indices[:, :K30]
     assert torch.equal(r.topk_ids.long(), expected_ids)

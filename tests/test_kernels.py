@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from qwen3coder.kernels.fused_moe import GemmTiles, MoETiles, fused_moe, moe_align, moe_tiles  # noqa: E402
+from qwen3coder.kernels.fused_moe import (GemmTiles, MoETiles, fused_moe, moe_align, moe_block_m,  # noqa: E402
+                                          moe_tiles)
 from qwen3coder.kernels.paged_attention import (MIN_TILES_PER_SPLIT, choose_num_splits,  # noqa: E402
                                                 paged_attention_decode, splits_used)
 from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm  # noqa: E402
@@ -56,7 +57,7 @@ def test_fused_moe_matches_reference(dtype, n_tokens, experts, top_k, hidden, in
 def _tile_choices() -> list[MoETiles]:
     """Every configuration `moe_tiles` can return, plus small and large tiles, and grouped program orders
     (groups of 1, 2 and 4 of the test's 9 row blocks: the last group of 2 and of 4 partial)."""
-    table = {moe_tiles(p) for p in (1, 8, 64, 128, 512, 4096, 8192, 65536)}
+    table = {moe_tiles(p, 128) for p in (1, 8, 64, 128, 512, 4096, 8192, 65536)}
     return sorted(table | {MoETiles(GemmTiles(16, 128, 4, 3), GemmTiles(32, 256, 4, 5)),
                            MoETiles(GemmTiles(128, 32, 8, 4), GemmTiles(128, 64, 8, 3)),
                            MoETiles(GemmTiles(16, 64, 4, 3, group_m=1), GemmTiles(32, 64, 4, 3, group_m=2)),
@@ -76,6 +77,16 @@ def test_fused_moe_tiles_match_reference(dtype, tiles):
     expected = moe_forward_reference(x, w13, w2, weights, ids).float()
     got = fused_moe(x, w13, w2, weights, ids, tiles=tiles).float()
     assert (got - expected).abs().max().item() <= TOL[dtype] * max(1.0, expected.abs().max().item())
+
+
+def test_moe_tiers_follow_rows_per_expert():
+    """BLOCK_M and tiles by the mean rows an expert gets: the 30B-A3B's 128 experts switch at 1,024 and
+    8,192 pairs (128 / 1,024 tokens of top-8); Coder-Next's 512 experts at four times the pairs."""
+    import qwen3coder.kernels.fused_moe as fm
+    assert [moe_block_m(p, 128) for p in (8, 1024, 1025, 8192, 8193)] == [16, 16, 64, 64, 128]
+    assert [moe_block_m(p, 512) for p in (4096, 4097, 32768, 32769)] == [16, 64, 64, 128]
+    assert moe_tiles(32, 128) is fm._DECODE_TINY and moe_tiles(1024, 128) is fm._DECODE
+    assert moe_tiles(1025, 128) is fm._MID and moe_tiles(8193, 128) is fm._PREFILL
 
 
 def test_fit_tiles_to_shared_memory(monkeypatch):

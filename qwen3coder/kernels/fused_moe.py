@@ -73,25 +73,28 @@ _DECODE_TINY = MoETiles(GemmTiles(64, 128, 8, 5), GemmTiles(64, 256, 4, 3))
 _DECODE = MoETiles(GemmTiles(32, 256, 4, 3), GemmTiles(64, 128, 4, 3))
 _MID = MoETiles(GemmTiles(64, 64, 4, 3, group_m=1), GemmTiles(128, 64, 8, 4, group_m=1))
 _PREFILL = MoETiles(GemmTiles(128, 64, 8, 4), GemmTiles(128, 64, 8, 3, group_m=1))
-DECODE_MAX_PAIRS = 1024  # (token, expert) pairs up to which the decode tiles (BLOCK_M 16) run
-MID_MAX_PAIRS = 8192  # ... and up to which BLOCK_M 64
+# Tiers by the mean rows an expert gets (pairs / experts), measured at 128 experts (not yet at the 160 of
+# the 480B or the 512 of Coder-Next, where the same pairs give an expert 1.25x / 4x fewer rows)
+DECODE_MAX_ROWS = 8  # up to 8 rows per expert (1,024 pairs at 128 experts): the decode tiles, BLOCK_M 16
+MID_MAX_ROWS = 64  # ... up to 64 (8,192 pairs): BLOCK_M 64; beyond: BLOCK_M 128
 
 
-def moe_tiles(num_pairs: int) -> MoETiles:
-    """Launch tiles of the two grouped GEMMs for `num_pairs` (token, expert) pairs."""
+def moe_tiles(num_pairs: int, num_experts: int) -> MoETiles:
+    """Launch tiles of the two grouped GEMMs for `num_pairs` (token, expert) pairs over `num_experts`."""
     if num_pairs <= 32:
         return _DECODE_TINY
-    if num_pairs <= DECODE_MAX_PAIRS:
+    if num_pairs <= DECODE_MAX_ROWS * num_experts:
         return _DECODE
-    return _MID if num_pairs <= MID_MAX_PAIRS else _PREFILL
+    return _MID if num_pairs <= MID_MAX_ROWS * num_experts else _PREFILL
 
 
-def moe_block_m(num_pairs: int) -> int:
-    """BLOCK_M (token rows per grouped-GEMM tile) for `num_pairs` (token, expert) pairs: 16 for decode
-    batches (an expert gets a few rows), larger for prefill where experts get dozens to hundreds."""
-    if num_pairs <= DECODE_MAX_PAIRS:
+def moe_block_m(num_pairs: int, num_experts: int) -> int:
+    """BLOCK_M (token rows per grouped-GEMM tile) for `num_pairs` (token, expert) pairs over
+    `num_experts`: 16 for decode batches (an expert gets a few rows), larger for prefill where experts
+    get dozens to hundreds."""
+    if num_pairs <= DECODE_MAX_ROWS * num_experts:
         return 16
-    return 64 if num_pairs <= MID_MAX_PAIRS else 128
+    return 64 if num_pairs <= MID_MAX_ROWS * num_experts else 128
 
 
 # Tried and dropped (2026-11-30): decode batches without an alignment, each grouped-GEMM program owning an
@@ -302,7 +305,7 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
 
     `sorted_ids` / `block_expert` (int32 or int64), when given, are `moe_align(topk_ids, E, block_m)`
     computed beforehand (e.g. by `route_align`); otherwise they are computed here. `tiles`: the
-    kernels' launch configuration (default `moe_tiles(pairs)`). Without `tiles`, the row counts that
+    kernels' launch configuration (default `moe_tiles(pairs, E)`). Without `tiles`, the row counts that
     `kernels.moe_gemv.TUNED` lists take that module's two GEMVs (no alignment needed). `reduce=False`
     returns the weighted per-expert partials [N, K, H] (w_k · SwiGLU_{id_k}(x), in x's dtype) instead
     of their sum, for `kernels.rmsnorm.fused_add_rmsnorm` to sum as it adds the residual.
@@ -318,7 +321,7 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
         sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
     assert sorted_ids.numel() == block_expert.numel() * block_m, "alignment made with another block_m"
     inter, pairs = two_i // 2, n * k
-    tiles = tiles or moe_tiles(pairs)
+    tiles = tiles or moe_tiles(pairs, num_experts)
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # fp32 stays exact (IEEE dots, no TF32)
     launch_gate_up(x, gate_up_proj, act, sorted_ids, block_expert, k, block_m, tiles.gate_up)
     out = torch.empty(pairs, down_proj.shape[1], dtype=x.dtype, device=x.device)

@@ -90,14 +90,15 @@ class Experts(nn.Module):
         """Σ_k w_k · Expert_{id_k}(x) [N, H]; `reduce=False`: partials [N, K', H] summing to it — the
         K = top_k weighted expert outputs on the Triton path, the sum itself as K' = 1 elsewhere.
 
-        `align`: (sorted_ids, block_expert) of `moe_align(topk_ids, E, moe_block_m(pairs))` when the
+        `align`: (sorted_ids, block_expert) of `moe_align(topk_ids, E, moe_block_m(pairs, E))` when the
         caller already has them (fused routing); only the Triton path uses them."""
         if use_triton(x):
             from qwen3coder.kernels.fused_moe import fused_moe, moe_block_m
 
             sorted_ids, block_expert = align if align is not None else (None, None)
             return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids,
-                             moe_block_m(topk_ids.numel()), sorted_ids, block_expert, reduce=reduce)
+                             moe_block_m(topk_ids.numel(), self.num_experts), sorted_ids, block_expert,
+                             reduce=reduce)
         out = moe_forward_reference(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
         return out if reduce else out.unsqueeze(1)
 
@@ -163,7 +164,8 @@ class SparseMoeBlock(nn.Module):
         align = not (SKIP_ALIGN_FOR_GEMV and moe_gemv_config(n, residual, self.experts.gate_up_proj) is not None)
         x, residual, _, r = fused_norm_router_route(x, residual, norm.weight, norm.eps, norm.zero_centered,
                                                     self.gate.weight, self.top_k, self.norm_topk_prob,
-                                                    moe_block_m(n * self.top_k), align=align)
+                                                    moe_block_m(n * self.top_k, self.experts.num_experts),
+                                                    align=align)
         reduce = not self.fold_topk_sum
         # without the layout (None, None): the GEMVs need none
         out = self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert), reduce=reduce)
@@ -176,6 +178,6 @@ class SparseMoeBlock(nn.Module):
         from qwen3coder.kernels.fused_moe import moe_block_m
         from qwen3coder.kernels.moe_routing import route_align
 
-        block_m = moe_block_m(router_logits.shape[0] * self.top_k)
+        block_m = moe_block_m(router_logits.shape[0] * self.top_k, router_logits.shape[1])
         r = route_align(router_logits, self.top_k, self.norm_topk_prob, block_m, x.dtype)
         return self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert), reduce=reduce)

@@ -2,7 +2,8 @@
 # Everything the GPU milestone measures, in one command on a CUDA machine (e.g. one `device` call):
 #   scripts/gpu_check.sh [steps]      steps: comma-separated from tests,kernels,bench,ab
 #                                     (default: tests,kernels,bench)
-# - tests:   the `gpu`-marked tests (kernels vs references, engine parity, graphs, async scheduling)
+# - tests:   the `gpu`- and `kernels`-marked tests (kernels vs references, engine parity, graphs, async
+#            scheduling)
 # - kernels: the kernel sweeps (MoE tiles, routing, QK-norm/RoPE, skinny GEMM, prefill attention)
 # - bench:   `qwen3coder bench --preset 30b-a3b --compare-transformers --profile` (all scenarios)
 # - ab:      benchmarks/bench_decode_variants.py: batch-1/16 decode under launch variants (PDL modes,
@@ -30,7 +31,8 @@ rc=0
 run() { echo "== $*"; "$@" || { echo "gpu_check: FAILED: $*" >&2; rc=1; }; }
 if [[ $steps == *,tests,* ]]; then
   # the openai-client server tests are collected only where the `openai` package is installed
-  run "$py" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+  # `kernels`: the kernel tests that run compiled on a GPU and through the interpreter on CPU (CI)
+  run "$py" -m pytest -q -m "gpu or kernels" -p no:cacheprovider --continue-on-collection-errors tests
 fi
 if [[ $steps == *,kernels,* ]]; then
   run "$py" benchmarks/bench_moe_routing.py

@@ -31,6 +31,8 @@ from qwen3coder.models.layers.norms import RMSNorm  # noqa: E402
 from tests.hf_models import MOE_BASE, randomize_  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# compiled on a GPU, Triton's interpreter on CPU: `-m kernels` selects these on the GPU machine
+pytestmark = pytest.mark.kernels
 # the norm only reads, casts and stores bf16 (arithmetic in fp32): the interpreter runs it in bf16 too
 NORM_DTYPES = [torch.float32, torch.bfloat16]
 # the grouped GEMMs compute in bf16 (tl.dot), which the interpreter cannot: bf16 MoE on the GPU only

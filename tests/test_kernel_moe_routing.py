@@ -19,6 +19,8 @@ from qwen3coder.kernels.moe_routing import (  # noqa: E402
 from qwen3coder.models.layers.moe import SparseMoeBlock, moe_forward_reference, route  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# compiled on a GPU, Triton's interpreter on CPU: `-m kernels` selects these on the GPU machine
+pytestmark = pytest.mark.kernels
 DTYPES = [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]
 W_TOL = {torch.float32: 1e-6, torch.bfloat16: 4e-3}
 

@@ -14,6 +14,8 @@ from qwen3coder.models.context import ForwardContext  # noqa: E402
 from qwen3coder.models.layers.attention import paged_attention_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# compiled on a GPU, Triton's interpreter on CPU: `-m kernels` selects these on the GPU machine
+pytestmark = pytest.mark.kernels
 DTYPES = [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]
 # fp32: IEEE dots, only the summation order differs; bf16: p is rounded to bf16 before PV (as flash
 # attention does) and the output once, so a few bf16 ulps of values of magnitude ~1

@@ -18,6 +18,8 @@ from qwen3coder.models.layers.moe import moe_forward_reference, route  # noqa: E
 from qwen3coder.models.layers.norms import RMSNorm  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# compiled on a GPU, Triton's interpreter on CPU: `-m kernels` selects these on the GPU machine
+pytestmark = pytest.mark.kernels
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 # Triton's CPU interpreter computes through numpy, which has no bfloat16: bf16 is checked on the GPU
 DTYPES = [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]

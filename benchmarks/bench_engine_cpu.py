@@ -1,10 +1,11 @@
-"""CPU throughput benchmark of the engine on a random-weight model (no checkpoint needed).
+"""CPU throughput benchmark of the engine on a random-weight preset (no checkpoint needed) or a checkpoint.
 
 Generates `--num-prompts` requests with random prompt lengths through `LLM.generate` and reports
 request / prompt / output token throughput, steps, prefix-cache hit rate and preemptions. Writes
 JSON (device, date, git commit, command, config, metrics) to benchmarks/results/.
 
     python benchmarks/bench_engine_cpu.py --preset tiny --num-prompts 64 --output-len 64
+    python benchmarks/bench_engine_cpu.py --model bundled   # the bundled qwen3coder-tiny (or a checkpoint path)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from qwen3coder import default_model_path
 from qwen3coder.config import ModelConfig
 from qwen3coder.engine import LLM, SamplingParams
 from qwen3coder.models import build_model
@@ -36,7 +38,8 @@ def git_commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny", help="random-weight model shape (without --model)")
+    ap.add_argument("--model", default=None, help="a checkpoint directory, or `bundled` for qwen3coder-tiny")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128, help="mean prompt length (uniform 0.5x..1.5x)")
     ap.add_argument("--output-len", type=int, default=64)
@@ -53,23 +56,27 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = ModelConfig.preset(args.preset)
     torch.manual_seed(args.seed)
-    model = build_model(cfg).float()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    rng = random.Random(args.seed)
-    prefix = [rng.randrange(2, cfg.vocab_size) for _ in range(args.shared_prefix)]
-    prompts = []
-    for _ in range(args.num_prompts):
-        n = max(1, int(args.input_len * rng.uniform(0.5, 1.5)))
-        prompts.append({"prompt_token_ids": prefix + [rng.randrange(2, cfg.vocab_size) for _ in range(n)]})
+    if args.model is None:
+        model = build_model(ModelConfig.preset(args.preset)).float()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.05)
+    else:
+        model = default_model_path() if args.model == "bundled" else args.model
+        args.preset = None  # the record names the checkpoint, not a preset
     max_len = args.shared_prefix + int(args.input_len * 1.5) + args.output_len + 16
     llm = LLM(model, device="cpu", skip_tokenizer_init=True, max_model_len=max_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
               seed=args.seed)
+    vocab = llm.llm_engine.vocab_size
+    rng = random.Random(args.seed)
+    prefix = [rng.randrange(2, vocab) for _ in range(args.shared_prefix)]
+    prompts = []
+    for _ in range(args.num_prompts):
+        n = max(1, int(args.input_len * rng.uniform(0.5, 1.5)))
+        prompts.append({"prompt_token_ids": prefix + [rng.randrange(2, vocab) for _ in range(n)]})
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True, seed=None)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     engine = llm.llm_engine

@@ -195,9 +195,8 @@ if triton is not None:
     @triton.jit
     def _gate_up_swiglu_kernel(x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, num_pairs, inter, k_in,
                                stride_xm, stride_we, stride_wn, stride_am, num_pid_n, GROUP_M: tl.constexpr,
-                               TOP_K: tl.constexpr,
-                               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                               TOP_K: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """act[pair, j] = silu(x[token] . W13[e, j]) * (x[token] . W13[e, inter + j]): gate and up tiles
         in one program, so the [pairs, 2I] intermediate never goes to memory."""
         pdl_prologue(PDL)

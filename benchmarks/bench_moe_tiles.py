@@ -4,13 +4,13 @@ For each batch (tokens) it routes random router logits (top-8 of 128), aligns th
 `moe_align`, and times `_gate_up_swiglu_kernel` and `_down_proj_kernel` separately for each launch
 configuration (BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M candidates for prefill-size batches;
 the program order `group_m`: the default tiles with each of `--group-m`, the other tiles with
-each of `--sweep-group-m`):
+each of `--sweep-group-m`; TMA descriptor loads: the other prefill-size tiles with each of `--sweep-tma`):
 `--layers` distinct weight sets (so the L2 cache does not hold the weights) are called in turn
 inside one CUDA graph, replayed; µs per call and the achieved bandwidth over the touched experts'
 weights are reported against the default configuration (`qwen3coder.kernels.fused_moe.moe_tiles`).
 
     python benchmarks/bench_moe_tiles.py [--batches 1,16,8192,64,4] [--layers 8] [--time-budget 240]
-        [--group-m 0] [--sweep-group-m 0]
+        [--group-m 0] [--sweep-group-m 0] [--sweep-tma 0,1]
 
 Writes benchmarks/results/moe_tiles_30b-a3b-*.json (or --out-dir): per batch, the default and the best
 configuration of each kernel. The table in `moe_tiles` is taken from this sweep.
@@ -41,6 +41,12 @@ def configs(prefill: bool) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def prefill_configs(kernel: str) -> list[tuple[int, int, int, int]]:
+    """The prefill candidates plus 256-wide down tiles (`configs(True)` holds gate_up's widest)."""
+    extra = [(256, 64, 8, 3), (256, 64, 8, 4)] if kernel == "down" else []
+    return configs(True) + extra
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,16,8192,64,4")
@@ -48,6 +54,7 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=240.0, help="seconds; the sweep stops after it")
     ap.add_argument("--group-m", default="0", help="program orders tried with the default tiles (0: rows first)")
     ap.add_argument("--sweep-group-m", default="0", help="program orders tried with the other tiles")
+    ap.add_argument("--sweep-tma", default="0,1", help="TMA loads (0/1) tried with the other prefill tiles")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
     t_start = time.time()
@@ -74,24 +81,25 @@ def main() -> None:
             flops_per_call = 2 * pairs * HIDDEN * INTER * (2 if kernel == "gate_up" else 1)
             found: list[dict[str, object]] = []
             base = getattr(default, kernel)
-            cands = [(default_bm, *_as_tuple(base), base.group_m)]
-            cands += [(default_bm, *_as_tuple(base), int(g)) for g in args.group_m.split(",")]
+            cands = [(default_bm, *_as_tuple(base), base.group_m, base.tma)]
+            cands += [(default_bm, *_as_tuple(base), int(g), base.tma) for g in args.group_m.split(",")]
             for bm in ((16, 64, 128) if prefill else (16,)):
-                cands += [(bm, *c, int(g)) for c in configs(prefill and bm > 16)
-                          for g in args.sweep_group_m.split(",")]
+                big = prefill and bm > 16
+                cands += [(bm, *c, int(g), bool(int(tm))) for c in (prefill_configs(kernel) if big else configs(False))
+                          for g in args.sweep_group_m.split(",") for tm in (args.sweep_tma.split(",") if big else "0")]
             seen = set()
-            for bm, bn, bk, nw, ns, gm in cands:
-                if (bm, bn, bk, nw, ns, gm) in seen:
+            for bm, bn, bk, nw, ns, gm, tma in cands:
+                if (bm, bn, bk, nw, ns, gm, tma) in seen:
                     continue
-                seen.add((bm, bn, bk, nw, ns, gm))
+                seen.add((bm, bn, bk, nw, ns, gm, tma))
                 if time.time() - t_start > args.time_budget:
                     out_of_time = True
                     break
                 sorted_ids, block_expert = fm.moe_align(ids, EXPERTS, bm)
-                act = torch.randn(pairs, INTER, device=dev, dtype=torch.bfloat16)
+                act = torch.randn(sorted_ids.numel(), INTER, device=dev, dtype=torch.bfloat16)  # aligned order
                 out = torch.empty(pairs, HIDDEN, device=dev, dtype=torch.bfloat16)
                 wflat = weights.flatten().contiguous()
-                tiles = fm.GemmTiles(bn, bk, nw, ns, gm)
+                tiles = fm.GemmTiles(bn, bk, nw, ns, gm, tma)
                 n_out, k_in = (INTER, HIDDEN) if kernel == "gate_up" else (HIDDEN, INTER)
                 if fm.fit_tiles(tiles, n_out, k_in, bm, torch.bfloat16, 2 if kernel == "gate_up" else 1,
                                 x.device) != tiles:
@@ -100,7 +108,7 @@ def main() -> None:
                     continue
                 if kernel == "gate_up":
                     def call(li: int, bm=bm, tiles=tiles, si=sorted_ids, be=block_expert, act=act):
-                        fm.launch_gate_up(x, w13[li], act, si, be, TOP_K, bm, tiles)
+                        fm.launch_gate_up(x, w13[li], act, si, be, TOP_K, bm, tiles, pairs)
                 else:
                     def call(li: int, bm=bm, tiles=tiles, si=sorted_ids, be=block_expert, act=act, out=out,
                              wflat=wflat):
@@ -114,7 +122,8 @@ def main() -> None:
                     torch.cuda.synchronize()
                     continue
                 found.append({"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns,
-                              "group_m": gm, "us": round(us, 2), "GBps": round(bytes_per_call / us / 1e3, 1),
+                              "group_m": gm, "tma": tma, "us": round(us, 2),
+                              "GBps": round(bytes_per_call / us / 1e3, 1),
                               "TFLOPs": round(flops_per_call / us / 1e6, 1)})
             if not found:
                 continue

@@ -63,7 +63,9 @@ def _tile_choices() -> list[MoETiles]:
     return sorted(table | {MoETiles(GemmTiles(16, 128, 4, 3), GemmTiles(32, 256, 4, 5)),
                            MoETiles(GemmTiles(128, 32, 8, 4), GemmTiles(128, 64, 8, 3)),
                            MoETiles(GemmTiles(16, 64, 4, 3, group_m=1), GemmTiles(32, 64, 4, 3, group_m=2)),
-                           MoETiles(GemmTiles(32, 64, 4, 3, group_m=4), GemmTiles(64, 64, 4, 3, group_m=1))}, key=repr)
+                           MoETiles(GemmTiles(32, 64, 4, 3, group_m=4), GemmTiles(64, 64, 4, 3, group_m=1)),
+                           MoETiles(GemmTiles(64, 64, 4, 3, group_m=1, tma=True), GemmTiles(64, 32, 4, 3, tma=True))},
+                  key=repr)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -104,6 +106,38 @@ def test_fit_tiles_to_shared_memory(monkeypatch):
     assert fm.fit_tiles(tiles, 768, 2048, 16, torch.float32, 2, cpu) == GemmTiles(64, 128, 8, 3)
     assert fm.fit_tiles(GemmTiles(256, 512, 8, 3, group_m=4), 768, 2048, 128, torch.float32, 2, cpu) == \
         GemmTiles(256, 32, 8, 2, group_m=4)
+    # TMA loads stay where the device has them (here Triton's interpreter) and are dropped elsewhere
+    tma = GemmTiles(128, 64, 8, 4, group_m=1, tma=True)
+    assert fm.fit_tiles(tma, 768, 2048, 128, torch.bfloat16, 2, cpu).tma == fm._tma_ok(cpu)
+    monkeypatch.setattr(fm, "_tma_ok", lambda device: False)
+    assert fm.fit_tiles(tma, 768, 2048, 128, torch.bfloat16, 2, cpu) == GemmTiles(128, 64, 8, 4, group_m=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tma", [False, True])
+def test_fused_moe_aligned_activation_padding_unused(dtype, tma):
+    """The SwiGLU output is kept in the aligned order: its padding rows are neither written nor used.
+    Filled with NaN beforehand, they stay NaN, and the down projection (pointer loads mask them; TMA loads
+    read them into rows whose outputs are never stored) gives the reference's output."""
+    import qwen3coder.kernels.fused_moe as fm
+    g = torch.Generator().manual_seed(2)
+    n_tokens, experts, top_k, hidden, inter, block_m = 6, 4, 2, 64, 96, 16
+    x = torch.randn(n_tokens, hidden, generator=g).to(DEV, dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) * 0.1).to(DEV, dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) * 0.1).to(DEV, dtype)
+    weights, ids = route(torch.randn(n_tokens, experts, generator=g).to(DEV, dtype), top_k, True, dtype)
+    sorted_ids, block_expert = fm.moe_align(ids, experts, block_m)
+    pairs = n_tokens * top_k
+    tiles = GemmTiles(32, 32, 4, 2, tma=tma)
+    act = torch.full((sorted_ids.numel(), inter), float("nan"), dtype=dtype, device=DEV)
+    fm.launch_gate_up(x, w13, act, sorted_ids, block_expert, top_k, block_m, tiles, pairs)
+    padding = sorted_ids >= pairs
+    assert padding.any() and act[padding].isnan().all() and not act[~padding].isnan().any()
+    out = torch.empty(pairs, hidden, dtype=dtype, device=DEV)
+    fm.launch_down(act, w2, out, sorted_ids, block_expert, weights.flatten().contiguous(), block_m, tiles)
+    expected = moe_forward_reference(x, w13, w2, weights, ids).float()
+    got = out.view(n_tokens, top_k, hidden).float().sum(dim=1)
+    assert (got - expected).abs().max().item() <= TOL[dtype] * max(1.0, expected.abs().max().item())
 
 
 def _paged_case(seq_lens, heads, kv_heads, head_dim, block_size, dtype, seed=1, width=None):

@@ -11,8 +11,9 @@ admitted); agent turns: 16 / 128 new tokens after 8K / 32K cached ones (few quer
 splits their keys, `max_seq_len`; `kernel_no_splits_ms` is the same launch without). ms per call of one
 layer's attention (32 query / 4 KV heads, head_dim 128, bf16, block 16), and the kernel's TFLOP/s over
 the causal work. `--sweep`: each scenario also under every num_warps x num_stages x split count (the
-chosen one, half and double it, none), µs per call (`sweep`); the launch defaults
-(`paged_prefill.prefill_launch`, `PREFILL_PROGRAMS_PER_SM`) come from it.
+chosen one, half and double it, none), and with 128-row query tiles also on 128-key tiles, µs per call
+(`sweep`); the launch defaults (`paged_prefill.prefill_launch`, `prefill_block_n`,
+`PREFILL_PROGRAMS_PER_SM`) come from it.
 """
 
 from __future__ import annotations
@@ -57,22 +58,25 @@ def _time_ms(fn, iters: int) -> float:
 
 
 def _sweep(q, k_cache, v_cache, ctx, q_lens, s_lens, iters: int) -> dict[str, float | None]:
-    """µs per call under each launch setting `w{warps}_s{stages}_sp{splits}`."""
+    """µs per call under each launch setting `w{warps}_s{stages}_sp{splits}` (64-key tiles) and
+    `bn128_w{warps}_s{stages}_sp{splits}` (128-key tiles, 128-row query tiles only)."""
     block_m = prefill_block_m(max(q_lens))
-    auto = choose_prefill_splits(sum(q_lens), HEADS, block_m, 64, max(s_lens), q.device)
     out: dict[str, float | None] = {}
-    for warps, stages, splits in itertools.product((2, 4, 8), (2, 3, 4), sorted({1, auto, max(1, auto // 2),
-                                                                                 min(16, 2 * auto)})):
-        if block_m == 128 and warps == 2:
-            continue
-        try:
-            us = cuda_graph_us(lambda: paged_attention_varlen(
-                q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, HEAD_DIM ** -0.5,
-                max(q_lens), num_splits=splits, num_warps=warps, num_stages=stages), 3, iters)
-            out[f"w{warps}_s{stages}_sp{splits}"] = round(us, 1)
-        except Exception as e:  # noqa: BLE001 - a setting that does not compile (shared memory) is skipped
-            print(f"[prefill-attn] w{warps}_s{stages}_sp{splits}: {type(e).__name__}", flush=True)
-            out[f"w{warps}_s{stages}_sp{splits}"] = None
+    for block_n in ((64, 128) if block_m == 128 else (64,)):
+        auto = choose_prefill_splits(sum(q_lens), HEADS, block_m, block_n, max(s_lens), q.device)
+        for warps, stages, splits in itertools.product((2, 4, 8), (2, 3, 4), sorted({1, auto, max(1, auto // 2),
+                                                                                     min(16, 2 * auto)})):
+            if block_m == 128 and warps == 2:
+                continue
+            key = f"{'bn128_' if block_n == 128 else ''}w{warps}_s{stages}_sp{splits}"
+            try:
+                us = cuda_graph_us(lambda: paged_attention_varlen(
+                    q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, HEAD_DIM ** -0.5,
+                    max(q_lens), num_splits=splits, num_warps=warps, num_stages=stages, block_n=block_n), 3, iters)
+                out[key] = round(us, 1)
+            except Exception as e:  # noqa: BLE001 - a setting that does not compile (shared memory) is skipped
+                print(f"[prefill-attn] {key}: {type(e).__name__}", flush=True)
+                out[key] = None
     return out
 
 

@@ -116,6 +116,36 @@ def test_varlen_kv_splits_match_reference(dtype, query_lens, seq_lens, num_split
     assert (got - expected).abs().max().item() <= TOL[dtype]
 
 
+@pytest.mark.parametrize("query_lens, seq_lens", [([300, 1], [300, 9]), ([290], [420]), ([130, 17], [700, 17])])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_varlen_128_key_tiles_match_reference(query_lens, seq_lens, num_splits):
+    """128-key tiles (what long eager steps take, `prefill_block_n`): whole tiles, the diagonal, a chunk
+    after cached keys, a decode row; unsplit and split in two."""
+    heads, kv_heads, head_dim, block_size = 4, 2, 32, 16
+    q, k_cache, v_cache, ctx = _case(query_lens, seq_lens, heads, kv_heads, head_dim, block_size, torch.float32,
+                                     seed=4)
+    scale = head_dim ** -0.5
+    got = paged_attention_varlen(q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, scale,
+                                 max(query_lens), num_splits=num_splits, min_tiles=1, block_n=128).float()
+    expected = paged_attention_reference(q, k_cache, v_cache, ctx, scale).float()
+    assert (got - expected).abs().max().item() <= TOL[torch.float32]
+
+
+def test_prefill_block_n_rule():
+    """128-key tiles only for long eager steps of 128-row query tiles in 16-bit caches; 32 above head_dim 128."""
+    from qwen3coder.kernels.paged_prefill import LONG_KEYS, prefill_block_n, prefill_launch
+
+    bf16 = torch.bfloat16
+    assert prefill_block_n(128, 128, LONG_KEYS, bf16, tile_map=False) == 128
+    assert prefill_block_n(128, 128, LONG_KEYS - 1, bf16, tile_map=False) == 64
+    assert prefill_block_n(128, 128, None, bf16, tile_map=False) == 64
+    assert prefill_block_n(128, 128, 32768, bf16, tile_map=True) == 64  # graphs keep their tiles
+    assert prefill_block_n(128, 64, 32768, bf16, tile_map=False) == 64
+    assert prefill_block_n(128, 128, 32768, torch.float32, tile_map=False) == 64
+    assert prefill_block_n(256, 128, 32768, bf16, tile_map=False) == 32
+    assert prefill_launch(128, 128) == (8, 3) and prefill_launch(128) == (8, 2) and prefill_launch(64) == (4, 2)
+
+
 def test_prefill_splits_fill_the_gpu_only_when_few_tiles():
     from qwen3coder.kernels.paged_prefill import MAX_PREFILL_SPLITS, choose_prefill_splits
 
@@ -178,18 +208,20 @@ def test_model_prefill_uses_varlen_kernel(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the GPU machine)")
 @pytest.mark.parametrize("query_lens, seq_lens", [([2000, 700, 1, 1], [2000, 2200, 3000, 5]), ([16], [20000]),
-                                                   ([100, 1], [9000, 300])], ids=["mixed", "turn16", "turn100"])
+                                                   ([100, 1], [9000, 300]), ([4500], [4500]), ([1000, 1], [9000, 40])],
+                         ids=["mixed", "turn16", "turn100", "fresh4500", "chunk1000"])
 def test_varlen_30b_shape_long(query_lens, seq_lens):
     """Qwen3-30B-A3B attention shape (32 query / 4 KV heads, head_dim 128, bf16, block 16): a 2,000-token
     prompt, a 700-token chunk after 1,500 cached tokens, and decode rows, in one launch; short chunks
-    after long contexts, whose keys the host's split count (`max_seq_len`) spreads over KV splits."""
+    after long contexts, whose keys the host's split count (`max_seq_len`) spreads over KV splits; long
+    steps on 128-key tiles (a fresh 4,500-token prompt, a 1,000-token chunk after 8,000 cached ones)."""
     from qwen3coder.kernels.paged_prefill import choose_prefill_splits
 
     q, k_cache, v_cache, ctx = _case(query_lens, seq_lens, 32, 4, 128, 16, torch.bfloat16, seed=5)
     expected = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), ctx, 128 ** -0.5)
     got = paged_attention_varlen(q, k_cache, v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
                                  128 ** -0.5, max(query_lens), max_seq_len=max(seq_lens)).float()
-    if len(query_lens) < 3:
+    if sum(query_lens) <= 128:
         assert choose_prefill_splits(sum(query_lens), 32, prefill_block_m(max(query_lens)), 64, max(seq_lens),
                                      q.device) > 1
     assert (got - expected).abs().max().item() <= TOL[torch.bfloat16]

@@ -12,7 +12,8 @@ that is 64 small attention calls per layer. This kernel replaces the loop:
   query length exit at once; `max_query_len` is a host int. A CUDA graph captured for a token
   budget cannot bake that in: it passes a tile map instead (`build_tile_map`, a device list of
   `(sequence, query tile)` work items padded with -1 to a size fixed by the budget), and the grid is
-  `(map size, query heads)`.
+  `(map size, query heads)`. Without a map, query tiles run last first (the longest causal ones start
+  first, so the grid's tail is short work).
 * Keys/values are walked in BLOCK_N-token tiles from 0 to the last position the tile's rows can
   see (causal, aligned to the bottom-right corner as in `causal_lower_right`): first the tiles that
   every row sees whole (no masks), then the diagonal ones with the causal and length masks; each
@@ -99,15 +100,17 @@ if triton is not None:
     def _tile_of_program(tile_map_ptr, query_start_ptr, seq_lens_ptr, num_splits, min_tiles, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, TILE_MAP: tl.constexpr):
         """(seq, query tile, q_start, q_len, ctx_len, end, per_split, used) of this program; q_len is 0
-        when it has no work. Keys [0, end) are dealt out in runs of `per_split` BLOCK_N-token tiles, so
-        `used` of the `num_splits` splits hold keys: the split and merge kernels derive them alike."""
+        when it has no work. Without a tile map the query tiles run last first: a causal tile's work grows
+        with its index, so the longest ones start first and the grid ends on short ones. Keys [0, end) are
+        dealt out in runs of `per_split` BLOCK_N-token tiles, so `used` of the `num_splits` splits hold keys:
+        the split and merge kernels derive them alike."""
         if TILE_MAP:  # grid (tiles, heads x splits): entry = seq << 16 | query tile, -1 = no work
             entry = tl.load(tile_map_ptr + tl.program_id(0))
             seq = tl.maximum(entry, 0) >> 16
             mt = tl.maximum(entry, 0) & 0xFFFF
         else:  # grid (query tiles, sequences, heads x splits)
             entry = 0
-            mt = tl.program_id(0)
+            mt = tl.num_programs(0) - 1 - tl.program_id(0)
             seq = tl.program_id(1)
         q_start = tl.load(query_start_ptr + seq)
         q_len = tl.load(query_start_ptr + seq + 1) - q_start
@@ -216,9 +219,29 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def prefill_launch(block_m: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of the split kernel for BLOCK_M query rows."""
+def prefill_launch(block_m: int, block_n: int = 64) -> tuple[int, int]:
+    """(num_warps, num_stages) of the split kernel for BLOCK_M query rows and BLOCK_N-key tiles."""
+    if block_n >= 128:
+        return 8, 3  # the long-key sweep (`LONG_KEYS`)
     return (4 if block_m <= 64 else 8), 2  # the sweep of the JSON above
+
+
+# Steps (without a tile map) whose longest sequence has at least LONG_KEYS keys walk 128-key tiles, 8 warps,
+# 3 stages, with 128-row query tiles and 16-bit caches (fp32's 3 stages would not fit in shared memory).
+# H200, 30B-A3B attention shape, one layer in a CUDA graph, µs (tmp sweep of the eleventh session,
+# benchmarks/results/prefill_attention_30b-a3b-20261130T*.json): a fresh 8,192-token prompt 1,680 -> 1,533;
+# its last 8,192-token chunk after 24,576 cached 11,057 -> 9,682; but 8 fresh 1,024-token prompts 304 -> 310
+# and a mixed step of 7 x 1,024 + 56 decodes 456 -> 485, so shorter steps (and the graphs' tile maps) keep 64.
+LONG_KEYS = 4096
+
+
+def prefill_block_n(head_dim: int, block_m: int, max_seq_len: int | None, dtype: torch.dtype,
+                    tile_map: bool) -> int:
+    """Keys per tile of the split kernel (`LONG_KEYS`); 32 for head_dim above 128 (shared memory)."""
+    if head_dim > 128:
+        return 32
+    long_keys = max_seq_len is not None and max_seq_len >= LONG_KEYS
+    return 128 if long_keys and not tile_map and block_m == 128 and dtype.itemsize == 2 else 64
 
 
 def prefill_block_m(max_query_len: int) -> int:
@@ -259,7 +282,8 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float, max_query_len: int, tile_map: torch.Tensor | None = None,
                            block_m: int | None = None, max_seq_len: int | None = None,
                            num_splits: int | None = None, min_tiles: int = MIN_KEY_TILES_PER_SPLIT,
-                           num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           block_n: int | None = None) -> torch.Tensor:
     """q [N, Hq, D] (the new tokens of every sequence, flattened) -> [N, Hq, D]; caches
     [blocks, block_size, Hk, D] already holding this step's keys and values; `max_query_len` is the
     longest query (host int).
@@ -273,7 +297,8 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     `max_seq_len` (a host-side bound on `seq_lens`; None: no KV splits) lets a step of few query tiles
     split each tile's keys (`choose_prefill_splits`; `num_splits` forces a count) into runs of at
     least `min_tiles` key tiles, merged by a second kernel. `num_warps` / `num_stages`: the split kernel's
-    launch (None: by BLOCK_M, `prefill_launch`)."""
+    launch (None: by BLOCK_M and BLOCK_N, `prefill_launch`); `block_n`: keys per tile (None: 64, or 128 for
+    long eager steps, `prefill_block_n`)."""
     assert triton is not None, "triton is not installed"
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -283,11 +308,11 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    block_n = 64 if head_dim <= 128 else 32
     if tile_map is None:
         block_m = prefill_block_m(max_query_len)
     else:
         assert block_m is not None and tile_map.dtype == torch.int32, "a tile map needs its block_m (int32 map)"
+    block_n = block_n or prefill_block_n(head_dim, block_m, max_seq_len, q.dtype, tile_map is not None)
     if num_splits is None:
         num_splits = 1 if max_seq_len is None else \
             choose_prefill_splits(num_tokens, num_heads, block_m, block_n, max_seq_len, q.device)
@@ -301,7 +326,7 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         m = torch.empty((num_splits, num_tokens, num_heads), dtype=torch.float32, device=q.device)
         l_sum = torch.empty_like(m)
         acc = torch.empty((num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=q.device)
-    default_warps, default_stages = prefill_launch(block_m)
+    default_warps, default_stages = prefill_launch(block_m, block_n)
     tile_arg = tile_map if tile_map is not None else seq_lens
     ieee = q.dtype == torch.float32
     _paged_prefill_kernel[(*tiles, num_heads * num_splits)](

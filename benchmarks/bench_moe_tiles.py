@@ -1,4 +1,4 @@
-"""Tile sweep of the fused-MoE grouped GEMMs at the Qwen3-30B-A3B MoE shape (CUDA).
+"""Tile sweep of the fused-MoE grouped GEMMs at a Qwen3-Coder MoE shape (CUDA; default the 30B-A3B's).
 
 For each batch (tokens) it routes random router logits (top-8 of 128), aligns the pairs with
 `moe_align`, and times `_gate_up_swiglu_kernel` and `_down_proj_kernel` separately for each launch
@@ -10,9 +10,14 @@ inside one CUDA graph, replayed; µs per call and the achieved bandwidth over th
 weights are reported against the default configuration (`qwen3coder.kernels.fused_moe.moe_tiles`).
 
     python benchmarks/bench_moe_tiles.py [--batches 1,16,8192,64,4] [--layers 8] [--time-budget 240]
-        [--group-m 0] [--sweep-group-m 0] [--sweep-tma 0,1]
+        [--group-m 0] [--sweep-group-m 0] [--sweep-tma 0,1] [--preset 30b-a3b] [--tiers]
 
-Writes benchmarks/results/moe_tiles_30b-a3b-*.json (or --out-dir): per batch, the default and the best
+`--preset` takes the MoE shape (hidden, experts, top-k, expert width) of a named preset (480b-a35b:
+6144 / 160 / 8 / 2560; next-80b-a3b: 2048 / 512 / 10 / 512); `--layers` is capped so the weight sets stay
+under 40 GB. `--tiers` times only the tiles of the three BLOCK_M tiers (`moe_tiles`: 16, 64, 128 rows) at
+every batch, which checks where the tiers switch on a shape they were not swept at.
+
+Writes benchmarks/results/moe_tiles_<preset>-*.json (or --out-dir): per batch, the default and the best
 configuration of each kernel. The table in `moe_tiles` is taken from this sweep.
 """
 
@@ -26,6 +31,7 @@ import torch
 
 from qwen3coder.bench.results import write_result
 from qwen3coder.bench.timing import cuda_graph_us
+from qwen3coder.config import ModelConfig
 from qwen3coder.kernels import fused_moe as fm
 from qwen3coder.models.layers.moe import route
 
@@ -55,8 +61,15 @@ def main() -> None:
     ap.add_argument("--group-m", default="0", help="program orders tried with the default tiles (0: rows first)")
     ap.add_argument("--sweep-group-m", default="0", help="program orders tried with the other tiles")
     ap.add_argument("--sweep-tma", default="0,1", help="TMA loads (0/1) tried with the other prefill tiles")
+    ap.add_argument("--preset", default="30b-a3b", help="the MoE shape of this preset")
+    ap.add_argument("--tiers", action="store_true", help="only the three tiers' tiles, at every batch")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
+    global HIDDEN, EXPERTS, TOP_K, INTER
+    cfg = ModelConfig.preset(args.preset)
+    HIDDEN, EXPERTS, TOP_K, INTER = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    layer_bytes = 3 * HIDDEN * INTER * EXPERTS * 2
+    args.layers = max(2, min(args.layers, int(40e9 // layer_bytes)))
     t_start = time.time()
     torch.manual_seed(0)
     dev = "cuda"
@@ -82,8 +95,12 @@ def main() -> None:
             found: list[dict[str, object]] = []
             base = getattr(default, kernel)
             cands = [(default_bm, *_as_tuple(base), base.group_m, base.tma)]
-            cands += [(default_bm, *_as_tuple(base), int(g), base.tma) for g in args.group_m.split(",")]
-            for bm in ((16, 64, 128) if prefill else (16,)):
+            if args.tiers:  # the tiles of each tier (decode: the batch-2+ ones) with that tier's BLOCK_M
+                cands += [(bm, *_as_tuple(getattr(t, kernel)), getattr(t, kernel).group_m, getattr(t, kernel).tma)
+                          for bm, t in ((16, fm._DECODE), (64, fm._MID), (128, fm._PREFILL))]
+            else:
+                cands += [(default_bm, *_as_tuple(base), int(g), base.tma) for g in args.group_m.split(",")]
+            for bm in ((16, 64, 128) if prefill else (16,)) if not args.tiers else ():
                 big = prefill and bm > 16
                 cands += [(bm, *c, int(g), bool(int(tm))) for c in (prefill_configs(kernel) if big else configs(False))
                           for g in args.sweep_group_m.split(",") for tm in (args.sweep_tma.split(",") if big else "0")]
@@ -137,7 +154,7 @@ def main() -> None:
         if out_of_time:
             print("[moe-tiles] time budget spent; remaining batches skipped", flush=True)
             break
-    write_result("moe_tiles_30b-a3b", results,
+    write_result(f"moe_tiles_{args.preset}", results,
                  extra={"shape": {"hidden": HIDDEN, "experts": EXPERTS, "top_k": TOP_K, "inter": INTER},
                         "layers": args.layers, "out_of_time": out_of_time}, out_dir=args.out_dir)
 

@@ -88,8 +88,11 @@ _DECODE = MoETiles(GemmTiles(32, 256, 4, 3), GemmTiles(64, 128, 4, 3))
 # (256-wide tiles), 2,048 tokens down 197 -> 163; 512 tokens even (the 64-row tiles keep pointer loads).
 _MID = MoETiles(GemmTiles(64, 64, 4, 3, group_m=1), GemmTiles(128, 64, 8, 4, group_m=1))
 _PREFILL = MoETiles(GemmTiles(128, 64, 8, 4, group_m=1, tma=True), GemmTiles(256, 64, 8, 3, group_m=1, tma=True))
-# Tiers by the mean rows an expert gets (pairs / experts), measured at 128 experts (not yet at the 160 of
-# the 480B or the 512 of Coder-Next, where the same pairs give an expert 1.25x / 4x fewer rows)
+# Tiers by the mean rows an expert gets (pairs / experts), swept at 128 experts; checked at the 480B's 160
+# experts (width 2560, hidden 6144) and Coder-Next's 512 (width 512, top-10) with `bench_moe_tiles.py --tiers`
+# (moe_tiles_480b-a35b-20261130T171659.json, moe_tiles_next-80b-a3b-20261130T171644.json): at 16-8,192 tokens
+# each shape's tier was the fastest of the three for both GEMMs but one: the 480B at 256 tokens (12.8 rows an
+# expert) ran both GEMMs in 3,844 µs on the decode tiles against 3,981 on the BLOCK_M 64 ones.
 DECODE_MAX_ROWS = 8  # up to 8 rows per expert (1,024 pairs at 128 experts): the decode tiles, BLOCK_M 16
 MID_MAX_ROWS = 64  # ... up to 64 (8,192 pairs): BLOCK_M 64; beyond: BLOCK_M 128
 

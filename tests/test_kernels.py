@@ -140,6 +140,25 @@ def test_fused_moe_aligned_activation_padding_unused(dtype, tma):
     assert (got - expected).abs().max().item() <= TOL[dtype] * max(1.0, expected.abs().max().item())
 
 
+def test_fused_moe_tma_falls_back_to_pointer_loads():
+    """TMA tiles on weights a descriptor cannot address (non-contiguous expert weights, a K whose rows are
+    not 16-byte multiples) take the pointer loads instead, with the same result."""
+    import qwen3coder.kernels.fused_moe as fm
+    g = torch.Generator().manual_seed(3)
+    tma = MoETiles(GemmTiles(32, 32, 4, 2, tma=True), GemmTiles(32, 32, 4, 2, tma=True))
+    for hidden, inter, stride in ((64, 32, 2), (62, 36, 1)):
+        experts, top_k, n_tokens = 4, 2, 5
+        x = torch.randn(n_tokens, hidden, generator=g).to(DEV)
+        w13 = (torch.randn(experts * stride, 2 * inter, hidden, generator=g) * 0.1).to(DEV)[::stride]
+        w2 = (torch.randn(experts * stride, hidden, inter, generator=g) * 0.1).to(DEV)[::stride]
+        weights, ids = route(torch.randn(n_tokens, experts, generator=g).to(DEV), top_k, True, torch.float32)
+        # strided experts: not contiguous; fp32 rows of 62 elements: 248 bytes, not a multiple of 16
+        assert fm._descriptor(w13, experts * 2 * inter, [32, 32], True) is None
+        expected = moe_forward_reference(x, w13, w2, weights, ids).float()
+        got = fused_moe(x, w13, w2, weights, ids, tiles=tma).float()
+        assert (got - expected).abs().max().item() <= TOL[torch.float32] * max(1.0, expected.abs().max().item())
+
+
 def _paged_case(seq_lens, heads, kv_heads, head_dim, block_size, dtype, seed=1, width=None):
     """Random caches with each sequence on non-contiguous blocks; tables -1 padded to `width` blocks."""
     g = torch.Generator().manual_seed(seed)

@@ -123,7 +123,8 @@ def test_prefill_graph_settings():
     from qwen3coder.engine.cuda_runner import prefill_graph_sizes
     from qwen3coder.server.launcher import build_engine
 
-    assert prefill_graph_sizes(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert prefill_graph_sizes(2048) == [16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert prefill_graph_sizes(1500) == [16, 32, 64, 128, 256, 384, 512, 768, 1024, 1500]
     assert prefill_graph_sizes(100) == [16, 32, 64, 100]
     assert prefill_graph_sizes(8) == [8] and prefill_graph_sizes(1) == prefill_graph_sizes(0) == []
     cfg = ModelConfig.preset("tiny")

@@ -55,10 +55,22 @@ def _doubling(first: int, last: int) -> list[int]:
     return sizes + [last]
 
 
+# From this many tokens the prefill buckets also hold 1.5x each power of two (384, 768, 1536): a step is
+# padded to its bucket, and above a few hundred tokens a step's time grows with its tokens (H200, 30B-A3B:
+# 1,024 tokens 20.7 ms, 2,048 37.7), so a prompt of ~1K joined by a few decode rows (1,039 tokens in the
+# online benchmark) no longer runs the 2,048-token graph.
+PREFILL_HALF_STEPS_FROM = 256
+
+
 def prefill_graph_sizes(max_tokens: int) -> list[int]:
-    """Token buckets of the prefill graphs: 16, 32, 64, ... below `max_tokens`, then `max_tokens` (none
-    below 2 tokens: a one-token step is a decode, or a one-token prompt that runs eagerly)."""
-    return _doubling(16, max_tokens) if max_tokens >= 2 else []
+    """Token buckets of the prefill graphs: 16, 32, 64, ... below `max_tokens` plus 1.5x the powers of two
+    from `PREFILL_HALF_STEPS_FROM`, then `max_tokens` (none below 2 tokens: a one-token step is a decode,
+    or a one-token prompt that runs eagerly)."""
+    if max_tokens < 2:
+        return []
+    sizes = _doubling(16, max_tokens)
+    half = [n * 3 // 2 for n in sizes if n >= PREFILL_HALF_STEPS_FROM and n * 3 // 2 < max_tokens]
+    return sorted(set(sizes + half))
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

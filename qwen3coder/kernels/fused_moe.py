@@ -300,11 +300,12 @@ def fit_tiles(t: GemmTiles, n_out: int, k_in: int, block_m: int, dtype: torch.dt
 
 @functools.lru_cache(maxsize=None)
 def _tma_ok(device: torch.device) -> bool:
-    """Whether `device` loads tiles through TMA descriptors: Hopper or later, or Triton's interpreter."""
+    """Whether `device` loads tiles through TMA descriptors: NVIDIA Hopper or later, or Triton's interpreter
+    (not ROCm, whose capability numbers mean other GPUs)."""
     if TensorDescriptor is None:
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (9, 0)
+        return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -76,7 +76,8 @@ def pdl_enabled() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _supports_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    """NVIDIA Hopper or later (ROCm's capability numbers mean other GPUs, without grid dependency control)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def use_pdl(device: torch.device) -> bool:

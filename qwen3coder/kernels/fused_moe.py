@@ -82,10 +82,12 @@ class MoETiles:
 # pairs: 2,048 tokens gate_up 332 -> 292, down 233 -> 167.
 _DECODE_TINY = MoETiles(GemmTiles(64, 128, 8, 5), GemmTiles(64, 256, 4, 3))
 _DECODE = MoETiles(GemmTiles(32, 256, 4, 3), GemmTiles(64, 128, 4, 3))
-# Eleventh session (`moe_tiles_30b-a3b-20261130T*`, see below): the SwiGLU output in the aligned order, so
-# the down projection's activation tiles are contiguous, and TMA descriptors for the prefill tiles'
+# Eleventh session (moe_tma_prototype_30b-a3b-20261130T164800.json): the SwiGLU output in the aligned order,
+# so the down projection's activation tiles are contiguous, and TMA descriptors for the prefill tiles'
 # weights (and the down projection's activations): 8,192 tokens gate_up 919 -> 860 µs, down 494 -> 420
 # (256-wide tiles), 2,048 tokens down 197 -> 163; 512 tokens even (the 64-row tiles keep pointer loads).
+# Both GEMMs against the previous kernels in one process (moe_ab_30b-a3b-20261130T170000.json, medians of
+# 7): 8,192 tokens 1,538 -> 1,386 µs, 4,096 866 -> 794, 2,048 503 -> 472; decode sizes within 0.3%.
 _MID = MoETiles(GemmTiles(64, 64, 4, 3, group_m=1), GemmTiles(128, 64, 8, 4, group_m=1))
 _PREFILL = MoETiles(GemmTiles(128, 64, 8, 4, group_m=1, tma=True), GemmTiles(256, 64, 8, 3, group_m=1, tma=True))
 # Tiers by the mean rows an expert gets (pairs / experts), swept at 128 experts; checked at the 480B's 160

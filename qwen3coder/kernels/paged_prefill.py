@@ -228,8 +228,8 @@ def prefill_launch(block_m: int, block_n: int = 64) -> tuple[int, int]:
 
 # Steps (without a tile map) whose longest sequence has at least LONG_KEYS keys walk 128-key tiles, 8 warps,
 # 3 stages, with 128-row query tiles and 16-bit caches (fp32's 3 stages would not fit in shared memory).
-# H200, 30B-A3B attention shape, one layer in a CUDA graph, µs (tmp sweep of the eleventh session,
-# benchmarks/results/prefill_attention_30b-a3b-20261130T*.json): a fresh 8,192-token prompt 1,680 -> 1,533;
+# H200, 30B-A3B attention shape, one layer in a CUDA graph, µs (a prototype sweep of the eleventh session,
+# benchmarks/results/prefill_attention_sweep_30b-a3b-20261130T171000.json): a fresh 8,192-token prompt 1,680 -> 1,533;
 # its last 8,192-token chunk after 24,576 cached 11,057 -> 9,682; but 8 fresh 1,024-token prompts 304 -> 310
 # and a mixed step of 7 x 1,024 + 56 decodes 456 -> 485, so shorter steps (and the graphs' tile maps) keep 64.
 LONG_KEYS = 4096

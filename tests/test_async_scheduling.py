@@ -203,6 +203,22 @@ def test_warmup_leaves_the_engine_as_it_was(model, async_scheduling):
         engine.warmup()
 
 
+def test_warmup_second_round_is_an_eager_step_of_short_sequences(model):
+    """Where prefill graphs stop below the step budget, the warm-up also runs two prompts of just over half
+    the largest graph together: one step above every graph, of short sequences (the eager attention's
+    short-key tiles, which the long first round does not compile)."""
+    kw = dict(device="cpu", skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64,
+              max_num_batched_tokens=128, max_prefill_graph_tokens=32)
+    engine = LLMEngine.from_pretrained(model, **kw)
+    launches = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, prev=None: launches.append(
+        sorted(e.num_new_tokens for e in sched.seqs)) or launch(sched, prev)
+    engine.warmup()
+    assert [17, 17] in launches
+    assert_all_free(engine)
+
+
 def test_warmup_hybrid_keeps_no_state_snapshot():
     engine = LLMEngine.from_pretrained(random_model("tiny-next"), device="cpu", skip_tokenizer_init=True,
                                        max_model_len=512, num_kv_blocks=64, max_num_batched_tokens=64,

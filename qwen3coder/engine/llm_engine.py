@@ -157,17 +157,31 @@ class LLMEngine:
         compiled on first use (Triton JIT, per shape class) are compiled for prefill, chunked-prefill
         and mixed prefill + decode steps (decode is compiled when the CUDA graphs are captured).
         The prompts run together, so short ones decode while long ones are still being chunked.
+        Without `prompt_lens`, a second round then runs two prompts of just over half the largest
+        prefill graph together: an eager step of short sequences, whose attention takes other tiles
+        than the long first round's (`kernels.paged_prefill.prefill_block_n`).
         Leaves the engine as it was: no request, every block free, nothing added to the prefix
         cache, statistics unchanged. Returns the seconds it took. Only for an idle engine."""
         if self.has_unfinished_requests():
             raise RuntimeError("warmup: the engine has unfinished requests")
         sched = self.config.scheduler
-        limit = sched.max_model_len - max_tokens - 1
+        rounds = [prompt_lens]
         if prompt_lens is None:
-            prompt_lens = [1, 17, 100, 700, sched.max_num_batched_tokens + 300]
-        lens = sorted({min(max(1, n), limit) for n in prompt_lens if limit >= 1})
-        cap = self.runner.num_kv_blocks * self.config.cache.block_size
+            rounds = [[1, 17, 100, 700, sched.max_num_batched_tokens + 300]]
+            graph_tokens = self.config.max_prefill_graph_tokens
+            if 0 < graph_tokens and graph_tokens + 2 <= sched.max_num_batched_tokens:
+                rounds.append([graph_tokens // 2 + 1] * 2)
         t0 = time.monotonic()
+        for lens in rounds:
+            self._warmup_round(lens, max_tokens)
+        return time.monotonic() - t0
+
+    def _warmup_round(self, prompt_lens: list[int], max_tokens: int) -> None:
+        """One batch of `warmup` prompts (run together; equal lengths get distinct ids)."""
+        sched = self.config.scheduler
+        limit = sched.max_model_len - max_tokens - 1
+        lens = sorted(min(max(1, n), limit) for n in prompt_lens if limit >= 1)
+        cap = self.runner.num_kv_blocks * self.config.cache.block_size
         bm, old_stats, preemptions = self.scheduler.block_manager, self.stats, self.scheduler.num_preemptions
         queries, hits = bm.num_cache_queries, bm.num_cache_hits
         caching = self.scheduler.enable_prefix_caching
@@ -189,7 +203,6 @@ class LLMEngine:
             self.scheduler.enable_prefix_caching = bm.enable_prefix_caching = caching
             self.stats, self.scheduler.num_preemptions = old_stats, preemptions
             bm.num_cache_queries, bm.num_cache_hits = queries, hits
-        return time.monotonic() - t0
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:

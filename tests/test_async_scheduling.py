@@ -206,7 +206,7 @@ def test_warmup_leaves_the_engine_as_it_was(model, async_scheduling):
 def test_warmup_second_round_is_an_eager_step_of_short_sequences(model):
     """Where prefill graphs stop below the step budget, the warm-up also runs two prompts of just over half
     the largest graph together: one step above every graph, of short sequences (the eager attention's
-    short-key tiles, which the long first round does not compile)."""
+    short-key tiles, which the long first round does not compile) and an odd number of tokens."""
     kw = dict(device="cpu", skip_tokenizer_init=True, max_model_len=256, num_kv_blocks=64,
               max_num_batched_tokens=128, max_prefill_graph_tokens=32)
     engine = LLMEngine.from_pretrained(model, **kw)
@@ -215,7 +215,7 @@ def test_warmup_second_round_is_an_eager_step_of_short_sequences(model):
     engine.runner.launch = lambda sched, prev=None: launches.append(
         sorted(e.num_new_tokens for e in sched.seqs)) or launch(sched, prev)
     engine.warmup()
-    assert [17, 17] in launches
+    assert [17, 18] in launches
     assert_all_free(engine)
 
 

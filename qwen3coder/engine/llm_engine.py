@@ -159,7 +159,9 @@ class LLMEngine:
         The prompts run together, so short ones decode while long ones are still being chunked.
         Without `prompt_lens`, a second round then runs two prompts of just over half the largest
         prefill graph together: an eager step of short sequences, whose attention takes other tiles
-        than the long first round's (`kernels.paged_prefill.prefill_block_n`).
+        than the long first round's (`kernels.paged_prefill.prefill_block_n`), and of an odd token
+        count (Triton compiles integer arguments divisible by 16 and the others apart; the first
+        round's full-budget step is the former).
         Leaves the engine as it was: no request, every block free, nothing added to the prefix
         cache, statistics unchanged. Returns the seconds it took. Only for an idle engine."""
         if self.has_unfinished_requests():
@@ -169,8 +171,9 @@ class LLMEngine:
         if prompt_lens is None:
             rounds = [[1, 17, 100, 700, sched.max_num_batched_tokens + 300]]
             graph_tokens = self.config.max_prefill_graph_tokens
-            if 0 < graph_tokens and graph_tokens + 2 <= sched.max_num_batched_tokens:
-                rounds.append([graph_tokens // 2 + 1] * 2)
+            half = graph_tokens // 2 + 1
+            if 0 < graph_tokens and 2 * half + 1 <= sched.max_num_batched_tokens:
+                rounds.append([half, half + 1])
         t0 = time.monotonic()
         for lens in rounds:
             self._warmup_round(lens, max_tokens)

@@ -1,6 +1,6 @@
 """Tile sweep of the fused-MoE grouped GEMMs at a Qwen3-Coder MoE shape (CUDA; default the 30B-A3B's).
 
-For each batch (tokens) it routes random router logits (top-8 of 128), aligns the pairs with
+For each batch (tokens) it routes random router logits (the preset's top-k of its experts), aligns the pairs with
 `moe_align`, and times `_gate_up_swiglu_kernel` and `_down_proj_kernel` separately for each launch
 configuration (BLOCK_N, BLOCK_K, num_warps, num_stages; BLOCK_M candidates for prefill-size batches;
 the program order `group_m`: the default tiles with each of `--group-m`, the other tiles with
@@ -84,7 +84,8 @@ def main() -> None:
         weights, ids = route(torch.randn(n, EXPERTS, device=dev), TOP_K, True, torch.bfloat16)
         pairs = n * TOP_K
         touched = int(torch.unique(ids).numel())
-        prefill = pairs >= 2048  # prefill-size tiles tried from 256 tokens (the default switches at 4096 pairs)
+        # BLOCK_M 64 / 128 candidates from 2,048 pairs (the tiers switch at `fm.DECODE_MAX_ROWS` rows an expert)
+        prefill = pairs >= 2048
         rows: dict[str, object] = {"pairs": pairs, "experts_touched": touched}
         default = fm.moe_tiles(pairs, EXPERTS)
         default_bm = fm.moe_block_m(pairs, EXPERTS)

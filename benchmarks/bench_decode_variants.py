@@ -117,7 +117,6 @@ VARIANTS: dict[str, Any] = {
     "norm_gemv_16k": lambda: [(gv, "NORM_TUNED", {(1, 5120, 2048): gv.GemvConfig(16384, 4)})],
     "norm_gemv_16k_w8": lambda: [(gv, "NORM_TUNED", {(1, 5120, 2048): gv.GemvConfig(16384, 8)})],
     "norm_gemv_bs2": lambda: [(gv, "NORM_TUNED", {**gv.NORM_TUNED, (2, 5120, 2048): gv.GemvConfig(8192, 4)})],
-    "down_sum_tile": lambda: [(mg, "RESIDUAL_BY_LAST_ARRIVAL", False), (mg, "TUNED", _down_sum(8192, 4))],
     "down_sum_8k_w4": lambda: [(mg, "TUNED", _down_sum(8192, 4))],
     "down_sum_16k_w4": lambda: [(mg, "TUNED", _down_sum(16384, 4))],
     "down_sum_16k_w8": lambda: [(mg, "TUNED", _down_sum(16384, 8))],

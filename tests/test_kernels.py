@@ -303,7 +303,7 @@ def test_paged_decode_last_split_merge(num_splits, heads, kv_heads, head_dim, bl
     """Splits merged by the last one to arrive (no merge launch): every row written (NaN-filled
     scratch), within fp32 rounding of the merge kernel's output (the same weights; sums in another
     order), single-split rows bitwise the same, and the arrival counters back at 0 for the next call."""
-    import qwen3coder.kernels as kernels_pkg
+    from qwen3coder.kernels import paged_attention as pa
 
     q, k_cache, v_cache, ctx = _paged_case(MIXED_LENS, heads, kv_heads, head_dim, block_size, torch.float32,
                                            seed=11, width=64)
@@ -314,7 +314,7 @@ def test_paged_decode_last_split_merge(num_splits, heads, kv_heads, head_dim, bl
         merged = _decode_nan_scratch(*args, num_splits=num_splits, last_split_merge=True)
         assert not merged.isnan().any()
         assert (merged - separate).abs().max().item() <= 1e-5
-        counters = kernels_pkg._COUNTERS[q.device]
+        counters = pa._COUNTERS[q.device]
         assert counters.abs().sum().item() == 0
     one = torch.tensor([splits_used(n, num_splits) == 1 for n in MIXED_LENS], device=q.device)
     assert torch.equal(merged[one], separate[one])

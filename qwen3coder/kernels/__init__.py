@@ -32,22 +32,3 @@ def triton_enabled() -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and not torch.is_grad_enabled() and triton_enabled()
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
-
-
-def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least `n` zeroed int32 counters per device for kernels whose last program to arrive finishes a
-    reduction (`kernels.moe_gemv`, `kernels.paged_attention`); every launch leaves them at 0 again, and
-    launches of one stream never overlap in their use (PDL kernels touch them only after their wait).
-    Grown only outside CUDA-graph capture (graphs are captured after an eager warm-up of the same shapes)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
-            "arrival counters must be allocated before CUDA-graph capture (run the step once eagerly)"
-        if counters is not None:
-            _RETIRED.append(counters)  # graphs captured earlier may still use it: never freed
-        counters = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return counters

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwen3coder.kernels import arrival_counters
 from qwen3coder.kernels.gemv import GemvConfig
 from qwen3coder.kernels.pdl import pdl_launch
 
@@ -61,9 +60,6 @@ MAX_ROWS = 4
 _HALF = (torch.bfloat16, torch.float16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ENABLED = os.environ.get("QWEN3CODER_MOE_GEMV", "1") != "0"  # read once: hot path
-# `residual=`: the down kernel's last program of each row block adds the partials to the residual
-# (True), or one program per row block holds all top-k experts' rows (`_moe_down_sum_gemv_kernel`)
-RESIDUAL_BY_LAST_ARRIVAL = True
 
 
 @dataclass(frozen=True)
@@ -157,13 +153,10 @@ if triton is not None:
         tl.store(act_ptr + pair * stride_am + rows, act.to(act_ptr.dtype.element_ty), mask=n_mask)
 
     @triton.jit
-    def _moe_down_gemv_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, res_ptr, h_ptr, counter_ptr, hidden,
-                              inter, stride_am, stride_we, stride_wn, stride_om, stride_ok, stride_r, stride_h,
-                              TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                              RESIDUAL: tl.constexpr, PDL: tl.constexpr):
-        """out[p, n] = wts[p] * (act[p] . W2[ids[p], n]); the weights are loaded before the PDL wait.
-        RESIDUAL: the last of a row block's TOP_K programs to arrive also writes h[t, rows] = res[t, rows]
-        + Σ_k out[t, k, rows] (see `moe_gemv`)."""
+    def _moe_down_gemv_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, out_ptr, hidden, inter, stride_am, stride_we,
+                              stride_wn, stride_om, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                              PDL: tl.constexpr):
+        """out[p, n] = wts[p] * (act[p] . W2[ids[p], n]); the weights are loaded before the PDL wait."""
         pair = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rows < hidden
@@ -178,20 +171,7 @@ if triton is not None:
         acc = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
         rw = tl.load(wts_ptr + pair).to(tl.float32)
         tl.store(out_ptr + pair * stride_om + rows, (acc * rw).to(out_ptr.dtype.element_ty), mask=n_mask)
-        if RESIDUAL:
-            token = pair // TOP_K
-            tl.debug_barrier()  # every thread's partial stores before the one thread's release
-            count = counter_ptr + token * tl.num_programs(1) + tl.program_id(1)
-            arrived = tl.atomic_add(count, 1, sem="acq_rel")
-            if arrived == TOP_K - 1:  # the token's other experts' partials of these rows are written
-                tl.atomic_xchg(count, 0)  # ready for the next launch
-                base = out_ptr + token * TOP_K * stride_om + rows
-                total = tl.load(base, mask=n_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                for k in tl.static_range(1, TOP_K):  # in k order: Partials.reduce's sum
-                    total += tl.load(base + k * stride_ok, mask=n_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                r = tl.load(res_ptr + token * stride_r + rows, mask=n_mask, other=0.0).to(tl.float32)
-                dtype = h_ptr.dtype.element_ty
-                tl.store(h_ptr + token * stride_h + rows, (total.to(dtype).to(tl.float32) + r).to(dtype), mask=n_mask)
+
 
     @triton.jit
     def _moe_down_sum_gemv_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, res_ptr, out_ptr, hidden, inter, stride_am,
@@ -257,18 +237,6 @@ def moe_gemv(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
         assert residual.shape == (n, hidden) and residual.dtype == x.dtype and residual.stride(1) == 1, \
             (tuple(residual.shape), residual.dtype)
         out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
-    if residual is not None and RESIDUAL_BY_LAST_ARRIVAL:
-        parts = torch.empty(n, k, hidden, dtype=x.dtype, device=x.device)
-        bn = cfg.down.block_n(inter)
-        grid_n = triton.cdiv(hidden, bn)
-        counters = arrival_counters(x.device, n * grid_n)
-        _moe_down_gemv_kernel[(pairs, grid_n)](
-            act, down_proj, ids, wts, parts, residual, out, counters, hidden, inter, act.stride(0),
-            down_proj.stride(0), down_proj.stride(1), parts.stride(1), parts.stride(1), residual.stride(0),
-            out.stride(0), TOP_K=k, BLOCK_K=triton.next_power_of_2(inter), BLOCK_N=bn, RESIDUAL=True,
-            num_warps=cfg.down.num_warps, **launch)
-        return out
-    if residual is not None:
         k_pad = triton.next_power_of_2(k)
         bn = max(1, cfg.down_sum.w_tile // (k_pad * triton.next_power_of_2(inter)))
         _moe_down_sum_gemv_kernel[(triton.cdiv(hidden, bn), n)](
@@ -279,7 +247,7 @@ def moe_gemv(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
     out = torch.empty(n, k, hidden, dtype=x.dtype, device=x.device)
     bn = cfg.down.block_n(inter)
     _moe_down_gemv_kernel[(pairs, triton.cdiv(hidden, bn))](
-        act, down_proj, ids, wts, out, out, out, ids, hidden, inter, act.stride(0), down_proj.stride(0),
-        down_proj.stride(1), out.stride(1), out.stride(1), 0, 0, TOP_K=k, BLOCK_K=triton.next_power_of_2(inter),
-        BLOCK_N=bn, RESIDUAL=False, num_warps=cfg.down.num_warps, **launch)
+        act, down_proj, ids, wts, out, hidden, inter, act.stride(0),
+        down_proj.stride(0), down_proj.stride(1), out.stride(1), BLOCK_K=triton.next_power_of_2(inter), BLOCK_N=bn,
+        num_warps=cfg.down.num_warps, **launch)
     return out.sum(dim=1) if reduce else out

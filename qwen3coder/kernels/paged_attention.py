@@ -51,7 +51,6 @@ from typing import NamedTuple
 
 import torch
 
-from qwen3coder.kernels import arrival_counters
 from qwen3coder.kernels.pdl import pdl_launch
 
 try:
@@ -296,6 +295,24 @@ if triton is not None:
         tl.store(out_ptr + seq * stride_on + head * stride_oh + d, (acc_run / l_run).to(out_ptr.dtype.element_ty))
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least `n` zeroed int32 counters per device, one per (sequence, KV head); every launch leaves
+    them at 0 again. Grown only outside CUDA-graph capture (graphs are captured largest batch first,
+    after an eager warm-up of the same shapes)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+            "the merge counters must be allocated before CUDA-graph capture (run the step once eagerly)"
+        if counters is not None:
+            _RETIRED.append(counters)  # graphs captured earlier may still use it: never freed
+        counters = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached); a fixed stand-in elsewhere."""
@@ -410,7 +427,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     else:
         m = l = acc = out  # unused
-    counters = arrival_counters(q.device, num_seqs * num_kv_heads) if merge_here else seq_lens
+    counters = _arrival_counters(q.device, num_seqs * num_kv_heads) if merge_here else seq_lens
     splits_pad = triton.next_power_of_2(max(num_splits, MAX_SPLITS))  # the in-kernel merge's (opt-in) tile
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, m, l, acc, counters, scale * _LOG2E,

@@ -14,9 +14,7 @@ register-tile GEMV's shapes and tiles (`kernels.gemv.TUNED`), the decode-row MoE
 splits per step `merge_chunk`), the
 routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`), the
 routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in decode
-attention or in a kernel of its own (`models.layers.attention.FOLD_DECODE_PROLOGUE`), the MoE GEMVs' residual
-add and the qkv GEMV's input norm (`models.layers.moe.FOLD_RESIDUAL`, `kernels.gemv.NORM_TUNED`, the
-residual-summing down tile `kernels.moe_gemv.MoEGemvConfig.down_sum`); `a+b` runs two
+attention or in a kernel of its own (`models.layers.attention.FOLD_DECODE_PROLOGUE`); `a+b` runs two
 variants together. The decode CUDA graphs bake such choices in, so they are recaptured per variant; then
 decode tokens/s at each batch (`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run,
 `--prompt-len` prompts). A variant is only as good as its timing noise: run-to-run differences of ~1%
@@ -28,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import re
 import time
 import traceback
@@ -66,11 +63,6 @@ def _moe_gemv(rows: tuple[int, ...], gu_tile: int, gu_warps: int, down_tile: int
     """moe_gemv.TUNED listing the 30B-A3B MoE shape (hidden 2048, intermediate 768) for `rows`."""
     cfg = mg.MoEGemvConfig(gv.GemvConfig(gu_tile, gu_warps), gv.GemvConfig(down_tile, down_warps))
     return {(r, 2048, 768): cfg for r in rows}
-
-
-def _down_sum(w_tile: int, warps: int) -> dict:
-    """moe_gemv.TUNED with every listed shape's residual-summing down tile (`down_sum`) replaced."""
-    return {key: dataclasses.replace(cfg, down_sum=gv.GemvConfig(w_tile, warps)) for key, cfg in mg.TUNED.items()}
 
 
 def _tiles(gate_up: tuple[int, int, int, int], down: tuple[int, int, int, int]) -> fm.MoETiles:
@@ -111,16 +103,6 @@ VARIANTS: dict[str, Any] = {
     "topk_two_reductions": lambda: [(mr, "PACKED_TOPK_MAX_ROWS", 0)],
     "topk_packed_all": lambda: [(mr, "PACKED_TOPK_MAX_ROWS", 1 << 30)],
     "router_align_always": lambda: [(moe_mod, "SKIP_ALIGN_FOR_GEMV", False)],
-    "fold_residual_off": lambda: [(moe_mod, "FOLD_RESIDUAL", False)],
-    "norm_gemv_off": lambda: [(gv, "NORM_TUNED", {})],
-    "norm_gemv_4k": lambda: [(gv, "NORM_TUNED", {(1, 5120, 2048): gv.GemvConfig(4096, 4)})],
-    "norm_gemv_16k": lambda: [(gv, "NORM_TUNED", {(1, 5120, 2048): gv.GemvConfig(16384, 4)})],
-    "norm_gemv_16k_w8": lambda: [(gv, "NORM_TUNED", {(1, 5120, 2048): gv.GemvConfig(16384, 8)})],
-    "norm_gemv_bs2": lambda: [(gv, "NORM_TUNED", {**gv.NORM_TUNED, (2, 5120, 2048): gv.GemvConfig(8192, 4)})],
-    "down_sum_8k_w4": lambda: [(mg, "TUNED", _down_sum(8192, 4))],
-    "down_sum_16k_w4": lambda: [(mg, "TUNED", _down_sum(16384, 4))],
-    "down_sum_16k_w8": lambda: [(mg, "TUNED", _down_sum(16384, 8))],
-    "down_sum_32k_w4": lambda: [(mg, "TUNED", _down_sum(32768, 4))],
 }
 
 

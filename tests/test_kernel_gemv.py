@@ -118,75 +118,6 @@ def test_model_forward_through_the_gemv(monkeypatch, rows):
     assert (got - expected).abs().max().item() <= 2 ** -6 * expected.abs().max().item()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("zero_centered", [False, True], ids=["weight", "zero-centred"])
-def test_norm_prologue_is_the_norm_kernel_then_the_gemv(dtype, zero_centered):
-    """`norm=`: each program normalises the row with `kernels.rmsnorm`'s arithmetic, so the output is
-    bitwise that of the norm kernel followed by the plain GEMV."""
-    from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm
-
-    x, w, b = _case(3, 41, 192, dtype, seed=5, bias=True)
-    x = x * 7.0  # not already of unit RMS
-    g = torch.Generator().manual_seed(6)
-    nw = (torch.randn(192, generator=g) * 0.1 + (0.0 if zero_centered else 1.0)).to(DEV, dtype)
-    cfg = gv.GemvConfig(w_tile=1024, num_warps=4)
-    got = gv.gemv(x, w, b, cfg, norm=(nw, 1e-6, zero_centered))
-    assert torch.equal(got, gv.gemv(fused_add_rmsnorm(x, None, nw, 1e-6, zero_centered), w, b, cfg))
-    assert torch.equal(got[1:2], gv.gemv(x[1:2], w, b, cfg, norm=(nw, 1e-6, zero_centered)))
-    with pytest.raises(AssertionError):
-        gv.gemv(x, w, b, cfg, norm=(nw[:64], 1e-6, zero_centered))
-
-
-def test_norm_policy(monkeypatch):
-    dev = torch.device(DEV)
-    monkeypatch.setattr(gv, "NORM_TUNED", {(1, 5120, 2048): gv.GemvConfig(4096, 4)})
-    assert gv.gemv_config(1, 5120, 2048, torch.bfloat16, dev, norm=True) == gv.GemvConfig(4096, 4)
-    assert gv.gemv_config(1, 5120, 2048, torch.bfloat16, dev) is gv.TUNED.get((1, 5120, 2048))
-    assert gv.gemv_config(2, 5120, 2048, torch.bfloat16, dev, norm=True) is None
-    gv.set_gemv_enabled(False)
-    try:
-        assert gv.gemv_config(1, 5120, 2048, torch.bfloat16, dev, norm=True) is None
-    finally:
-        gv.set_gemv_enabled(True)
-
-
-def test_default_norm_table_lists_the_30b_qkv_at_batch_1():
-    assert set(gv.NORM_TUNED) == {(1, 5120, 2048)}
-
-
-@pytest.mark.parametrize("rows", [1, 2])
-def test_model_forward_folds_the_input_norm_into_the_qkv_gemv(monkeypatch, rows):
-    """A tiny bf16 Qwen3-MoE whose MoE takes the GEMVs with the residual folded into their down kernel
-    (the layer returns `ResidualAdded`) and whose qkv shape the norm-fused GEMV lists at batch 1: from
-    the second layer on the qkv projection applies the input norm itself (`PendingNorm`); at batch 2
-    (not listed) the norm runs as its own kernel. Logits match the torch path's to bf16 rounding."""
-    from qwen3coder.config import ModelConfig
-    import qwen3coder.kernels.moe_gemv as mg
-    from qwen3coder.loader import build_dummy_model
-    from qwen3coder.models.layers import linear as linear_mod
-    from qwen3coder.models.layers import moe as moe_mod
-
-    cfg = ModelConfig.preset("tiny")
-    model = build_dummy_model(cfg, "cpu", torch.bfloat16, seed=1)
-    ids = torch.randint(0, 512, (1, rows), generator=torch.Generator().manual_seed(rows))
-    attn, experts = model.model.layers[0].self_attn, model.model.layers[0].mlp.experts
-    n, k = attn.qkv_proj.weight.shape
-    with torch.no_grad():
-        expected = model(ids).float()
-        for mod in (moe_mod, linear_mod):
-            monkeypatch.setattr(mod, "use_triton", lambda t: True)
-        small = mg.MoEGemvConfig(gv.GemvConfig(512, 4), gv.GemvConfig(256, 4), gv.GemvConfig(1024, 4))
-        h, i = experts.gate_up_proj.shape[2], experts.intermediate_size
-        monkeypatch.setattr(mg, "TUNED", {(r, h, i): small for r in (1, 2)})
-        monkeypatch.setattr(gv, "NORM_TUNED", {(1, n, k): gv.GemvConfig(1024, 4)})
-        calls = []
-        real = gv.gemv
-        monkeypatch.setattr(gv, "gemv", lambda *a, **kw: calls.append(kw.get("norm") is not None) or real(*a, **kw))
-        got = model(ids).float()
-    assert calls.count(True) == (cfg.num_hidden_layers - 1 if rows == 1 else 0)
-    assert (got - expected).abs().max().item() <= 2 ** -5 * expected.abs().max().item()
-
-
 # ------------------------------------------------------------------ GPU
 SHAPES_30B = {"o_proj": (2048, 4096), "qkv": (5120, 2048)}
 
@@ -229,21 +160,3 @@ def test_gpu_graph_replay_and_pdl_are_bitwise_equal():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [gv.GemvConfig(8192, 4), gv.GemvConfig(4096, 4), gv.GemvConfig(16384, 8)], ids=str)
-def test_gpu_norm_prologue_at_the_30b_qkv_shape(cfg):
-    """bf16, 2048 -> 5120: the norm-fused GEMV against the norm kernel then the GEMV. The two kernels'
-    fp32 sums of squares may round differently (another reduction layout), so a normalised element may
-    differ by a bf16 ulp: within an ulp of the output plus an ulp of the products' magnitude."""
-    from qwen3coder.kernels.rmsnorm import fused_add_rmsnorm
-
-    x, w, _ = _case(1, 5120, 2048, torch.bfloat16, seed=3)
-    nw = (1.0 + 0.1 * torch.randn(2048, generator=torch.Generator().manual_seed(4))).to(DEV, torch.bfloat16)
-    got = gv.gemv(x * 5.0, w, None, cfg, norm=(nw, 1e-6, False))
-    normed = fused_add_rmsnorm(x * 5.0, None, nw, 1e-6)
-    ref = gv.gemv(normed, w, None, cfg).float()
-    mag = (normed.float().abs() @ w.float().abs().t())
-    eps = torch.finfo(torch.bfloat16).eps
-    assert ((got.float() - ref).abs() <= eps * (ref.abs() + mag)).all()

@@ -9,11 +9,6 @@
   streams K in a pipelined loop after the wait instead).
 * After the wait, for each row in turn: the row of x, fp32 products with the tile, summed over K in
   fp32, the bias added in fp32, one rounding to x's dtype. No split-K, no second kernel.
-* With `norm=(weight, eps, zero_centered)` the row of x is first put through RMSNorm, with the
-  arithmetic of `kernels.rmsnorm` (its `add_rmsnorm_row`, no residual): every program normalises the
-  whole row itself (K elements from L2) before its dot. This is the input norm of a decoder layer whose
-  previous MoE already added its output to the residual (`kernels.moe_gemv`, `residual=`), so the norm
-  needs no launch of its own. `NORM_TUNED` lists the shapes that take it.
 
 Measured (H200, 30B-A3B decode graphs, `benchmarks/bench_decode_variants.py`,
 benchmarks/results/decode_variants_30b-a3b-20261130T084348.json, tok/s at batch 1 / 2 / 4): the
@@ -21,8 +16,7 @@ attention output projection (4096 -> 2048) at batch 1 went from 333 to 343 (8192
 warps) against the skinny split-K GEMM with its sum folded into the next norm; at batch 2 it was even
 (503 vs 505) and at batch 4 slower (726 vs 743): every program walks the rows one after another. The
 qkv projection (2048 -> 5120, with the input add+RMSNorm fused in front) lost to cuBLAS at every
-tile tried (batch 1: 303-329 vs 333), so `TUNED` lists the batch-1 o_proj shape only. (That fused
-variant read the MoE's eight top-k partials and the residual in every program; `norm=` reads one row.)
+tile tried (batch 1: 303-329 vs 333), so `TUNED` lists the batch-1 o_proj shape only.
 
 Numerics: as the skinny GEMM's (fp32 products exact, fp32 sums in another order than cuBLAS's, one
 rounding): one ulp of the output dtype from `F.linear` where a value sits next to a rounding boundary.
@@ -48,7 +42,6 @@ try:
     import triton.language as tl
 
     from qwen3coder.kernels.pdl import pdl_prologue
-    from qwen3coder.kernels.rmsnorm import add_rmsnorm_row
 except ImportError:  # pragma: no cover - triton is optional on CPU
     triton = None
 
@@ -71,9 +64,6 @@ class GemvConfig:
 # (rows bucket, N, K) -> configuration: the shapes measured faster here than on their usual path
 # (the module docstring); others keep theirs. Tests list their own shapes.
 TUNED: dict[tuple[int, int, int], GemvConfig] = {(1, 2048, 4096): GemvConfig(8192, 4)}
-# the same for the norm-fused GEMV (`norm=`): the qkv projection behind a MoE layer that added its output
-# to the residual itself
-NORM_TUNED: dict[tuple[int, int, int], GemvConfig] = {(1, 5120, 2048): GemvConfig(8192, 4)}
 
 
 def set_gemv_enabled(enabled: bool) -> None:
@@ -82,26 +72,24 @@ def set_gemv_enabled(enabled: bool) -> None:
     _ENABLED = bool(enabled)
 
 
-def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
-                norm: bool = False) -> GemvConfig | None:
+def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> GemvConfig | None:
     """The launch configuration when x [m, k] · W [n, k]^T should take this kernel, else None: the switch
     on, bf16/fp16, 1 <= m <= MAX_ROWS, K a multiple of 16, a CUDA device (or Triton's interpreter on the
-    CPU) and `TUNED` (`NORM_TUNED` for the norm-fused kernel) listing (rows bucket, n, k)."""
+    CPU) and `TUNED` listing (rows bucket, n, k)."""
     if not _ENABLED or triton is None or dtype not in _HALF:
         return None
     if not (1 <= m <= MAX_ROWS and n >= 1 and k >= 16 and k % 16 == 0):
         return None
     if device.type != "cuda" and not (_INTERPRET and device.type == "cpu"):
         return None
-    return (NORM_TUNED if norm else TUNED).get((row_bucket(m), n, k))
+    return TUNED.get((row_bucket(m), n, k))
 
 
 if triton is not None:
 
     @triton.jit(do_not_specialize=["M"])
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, nw_ptr, eps, M, N, K, stride_x, stride_w, stride_o,
-                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_o,
+                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """Program p: output columns [p*BLOCK_N, (p+1)*BLOCK_N) of every row; see the module docstring."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_K)
@@ -114,11 +102,7 @@ if triton is not None:
             bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         pdl_prologue(PDL)
         for row in range(0, M):  # M <= MAX_ROWS rows of K: int32 offsets
-            if NORM:  # the row through RMSNorm first (kernels.rmsnorm's arithmetic, no residual)
-                x, _ = add_rmsnorm_row(x_ptr, x_ptr, nw_ptr, out_ptr, row, cols, k_mask, K, eps, stride_x, 0, 0,
-                                       False, ZERO_CENTERED, 0, BLOCK_K)
-            else:
-                x = tl.load(x_ptr + row * stride_x + cols, mask=k_mask, other=0.0)
+            x = tl.load(x_ptr + row * stride_x + cols, mask=k_mask, other=0.0)
             acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N] fp32
             if HAS_BIAS:
                 acc += bias
@@ -126,11 +110,9 @@ if triton is not None:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None,
-         norm: tuple[torch.Tensor, float, bool] | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None) -> torch.Tensor:
     """x [M, K] · weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, 1 <= M <= MAX_ROWS; weight
-    with unit stride along K, in x's dtype. `config` overrides the default tile. `norm` = (norm weight
-    [K], eps, zero_centered): RMSNorm(x) · weight^T instead (see the module docstring)."""
+    with unit stride along K, in x's dtype. `config` overrides the default tile."""
     assert triton is not None, "triton is not installed"
     assert x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS, f"gemv takes 1..{MAX_ROWS} rows, got {tuple(x.shape)}"
     m, k = x.shape
@@ -141,11 +123,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     cfg = config or GemvConfig()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n = cfg.block_n(k)
-    if norm is not None:
-        assert norm[0].shape == (k,), (tuple(norm[0].shape), k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, norm[0] if norm is not None else weight,
-        norm[1] if norm is not None else 0.0, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, NORM=norm is not None, ZERO_CENTERED=norm is not None and norm[2], BLOCK_K=triton.next_power_of_2(k), BLOCK_N=block_n, num_warps=cfg.num_warps,
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_K=triton.next_power_of_2(k), BLOCK_N=block_n, num_warps=cfg.num_warps,
         **pdl_launch(x.device))
     return out

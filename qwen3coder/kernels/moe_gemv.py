@@ -16,13 +16,6 @@ kernel with its own ramp-up. Here, for 1..MAX_ROWS tokens:
   therefore stream their down weights while the gate/up's last programs still run. After the wait:
   `act[p]`, the fp32 dot, times `topk_weights[p]`, one rounding, into `out[p]` ([N, K, H]: the
   partials that the next add+RMSNorm sums, as `fused_moe(reduce=False)` returns).
-* With `residual` (`moe_gemv(..., residual=r)`), `_moe_down_sum_gemv_kernel` replaces the down kernel:
-  grid (cdiv(H, BLOCK_N), tokens); program (j, t) reads rows [j*BLOCK_N, (j+1)*BLOCK_N) of *all* the
-  token's top-k experts (a `[K, BLOCK_N, I]` tile) before its wait, and after it sums the K weighted
-  partials itself and adds the residual row: it writes the new residual `r + Σ_k partial_k`, the value the
-  next add+RMSNorm would have computed from the partials. The next layer's input norm then has nothing
-  left to add: the register GEMV of the qkv projection applies it in its own prologue
-  (`kernels.gemv`, `norm=`), one launch fewer per layer at batch 1.
 
 Rows of the weight tile are padded to a power of two along K (768 -> 1024 at the 30B-A3B
 intermediate size; masked lanes read no memory). No alignment (`sorted_ids`) is needed: a program
@@ -68,8 +61,6 @@ class MoEGemvConfig:
     BLOCK_N = w_tile / (2 * padded H) for the gate/up, w_tile / padded I for the down projection."""
     gate_up: GemvConfig = GemvConfig(16384, 4)
     down: GemvConfig = GemvConfig(8192, 4)
-    # with a residual: the tile holds the K experts' rows, BLOCK_N = w_tile / (padded K * padded I)
-    down_sum: GemvConfig = GemvConfig(32768, 8)
 
 
 # (token rows, hidden, intermediate) -> configuration, for the shapes measured faster here than on the
@@ -119,15 +110,6 @@ def moe_gemv_reference(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
     return (down * topk_weights.float()[..., None]).to(x.dtype)
 
 
-def moe_residual_reference(partials: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """`residual + Σ_k partials[:, k]` as the fused add+RMSNorm computes it: the partials summed in fp32 in
-    order and rounded once, then added to the residual in fp32 and rounded once (`Partials.reduce`)."""
-    acc = partials[:, 0].float()
-    for k in range(1, partials.shape[1]):
-        acc = acc + partials[:, k].float()
-    return (acc.to(residual.dtype).float() + residual.float()).to(residual.dtype)
-
-
 if triton is not None:
 
     @triton.jit
@@ -173,47 +155,10 @@ if triton is not None:
         tl.store(out_ptr + pair * stride_om + rows, (acc * rw).to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-    @triton.jit
-    def _moe_down_sum_gemv_kernel(act_ptr, w_ptr, ids_ptr, wts_ptr, res_ptr, out_ptr, hidden, inter, stride_am,
-                                  stride_we, stride_wn, stride_r, stride_o, TOP_K: tl.constexpr,
-                                  K_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  PDL: tl.constexpr):
-        """out[t, n] = res[t, n] + Σ_k wts[p] * (act[p] . W2[ids[p], n]), p = t * TOP_K + k: each partial
-        rounded once, their fp32 sum (in k order) rounded once, the residual added in fp32, rounded once."""
-        token = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = rows < hidden
-        ks = tl.arange(0, K_PAD)
-        k_mask = ks < TOP_K
-        cols = tl.arange(0, BLOCK_K)
-        c_mask = cols < inter
-        pairs = token * TOP_K + ks
-        # the routing is complete once this grid runs (the gate/up kernel waited first): read it from L2
-        experts = tl.load(ids_ptr + pairs, mask=k_mask, other=0, cache_modifier=".cg").to(tl.int64)
-        w = tl.load(w_ptr + experts[:, None, None] * stride_we + rows[None, :, None].to(tl.int64) * stride_wn
-                    + cols[None, None, :], mask=k_mask[:, None, None] & n_mask[None, :, None] & c_mask[None, None, :],
-                    other=0.0)  # [K_PAD, BLOCK_N, BLOCK_K]: weights, before the wait
-        pdl_prologue(PDL)
-        a = tl.load(act_ptr + pairs[:, None] * stride_am + cols[None, :], mask=k_mask[:, None] & c_mask[None, :],
-                    other=0.0).to(tl.float32)
-        acc = tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)  # [K_PAD, BLOCK_N]
-        rw = tl.load(wts_ptr + pairs, mask=k_mask, other=0.0).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty
-        part = (acc * rw[:, None]).to(dtype).to(tl.float32)  # each partial rounded, as the down kernel's
-        total = tl.zeros((BLOCK_N,), tl.float32)
-        for k in tl.static_range(TOP_K):  # in k order; picking one row of `part` is exact
-            total += tl.sum(tl.where(ks[:, None] == k, part, 0.0), axis=0)
-        r = tl.load(res_ptr + token * stride_r + rows, mask=n_mask, other=0.0).to(tl.float32)
-        h = (total.to(dtype).to(tl.float32) + r).to(dtype)
-        tl.store(out_ptr + token * stride_o + rows, h, mask=n_mask)
-
-
 def moe_gemv(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, topk_weights: torch.Tensor,
-             topk_ids: torch.Tensor, config: MoEGemvConfig | None = None, reduce: bool = True,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             topk_ids: torch.Tensor, config: MoEGemvConfig | None = None, reduce: bool = True) -> torch.Tensor:
     """Σ_k w_k · SwiGLU_{id_k}(x) for x [N, H], 1 <= N <= MAX_ROWS (weights as in `Experts`); `reduce=False`
-    returns the weighted partials [N, K, H] (as `fused_moe`). With `residual` [N, H] (x's dtype): the new
-    residual `residual + Σ_k partial_k` [N, H] (`moe_residual_reference`'s arithmetic), `reduce` ignored."""
+    returns the weighted partials [N, K, H] (as `fused_moe`)."""
     assert triton is not None, "triton is not installed"
     n, k = topk_ids.shape
     assert x.dim() == 2 and x.shape[0] == n and 1 <= n <= MAX_ROWS, (tuple(x.shape), n)
@@ -233,17 +178,6 @@ def moe_gemv(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tenso
         x, gate_up_proj, ids, act, inter, hidden, x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1),
         act.stride(0), TOP_K=k, BLOCK_K=triton.next_power_of_2(hidden), BLOCK_N=bn,
         num_warps=cfg.gate_up.num_warps, **first)
-    if residual is not None:
-        assert residual.shape == (n, hidden) and residual.dtype == x.dtype and residual.stride(1) == 1, \
-            (tuple(residual.shape), residual.dtype)
-        out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
-        k_pad = triton.next_power_of_2(k)
-        bn = max(1, cfg.down_sum.w_tile // (k_pad * triton.next_power_of_2(inter)))
-        _moe_down_sum_gemv_kernel[(triton.cdiv(hidden, bn), n)](
-            act, down_proj, ids, wts, residual, out, hidden, inter, act.stride(0), down_proj.stride(0),
-            down_proj.stride(1), residual.stride(0), out.stride(0), TOP_K=k, K_PAD=k_pad,
-            BLOCK_K=triton.next_power_of_2(inter), BLOCK_N=bn, num_warps=cfg.down_sum.num_warps, **launch)
-        return out
     out = torch.empty(n, k, hidden, dtype=x.dtype, device=x.device)
     bn = cfg.down.block_n(inter)
     _moe_down_gemv_kernel[(pairs, triton.cdiv(hidden, bn))](

@@ -8,9 +8,7 @@ A layer returns `(ffn_output, residual)` without adding them: the next layer's `
 the model's final `norm`) does `norm(ffn_output + residual)` in one fused kernel. On the Triton path a
 MoE FFN's output is `TopKPartials` (its top-k sum folded into that kernel too), and the attention
 output projection's may be `SplitKPartials` (the skinny GEMM's split-K sum folded into
-`post_attention_layernorm`); only RMSNorm takes them (`qwen3coder.models.layers.partials`). Where the
-MoE GEMVs added the output to the residual themselves (batch 1–2), the layer returns `ResidualAdded` and
-the next layer passes its input norm to the qkv projection as `PendingNorm` (fused into its GEMV).
+`post_attention_layernorm`); only RMSNorm takes them (`qwen3coder.models.layers.partials`).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from qwen3coder.models.layers.attention import Qwen3Attention
 from qwen3coder.models.layers.mlp import SwiGLUMLP
 from qwen3coder.models.layers.moe import SparseMoeBlock, TopKPartials
 from qwen3coder.models.layers.norms import RMSNorm
-from qwen3coder.models.layers.partials import PendingNorm, ResidualAdded
 from qwen3coder.models.layers.rotary import RotaryEmbedding
 
 
@@ -53,14 +50,11 @@ class Qwen3MoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn.o_proj.fold_split_k = True  # its output goes only to post_attention_layernorm
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | TopKPartials | ResidualAdded,
-                residual: torch.Tensor | None, ctx: ForwardContext
-                ) -> tuple[torch.Tensor | TopKPartials | ResidualAdded, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | TopKPartials, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor | TopKPartials, torch.Tensor]:
         """(FFN output, residual) for the next layer's input_layernorm to add (see the module docstring)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
-        elif isinstance(hidden, ResidualAdded):  # the qkv projection applies the norm (or materializes it)
-            hidden = PendingNorm(residual, self.input_layernorm)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, ctx)

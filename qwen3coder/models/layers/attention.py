@@ -23,7 +23,6 @@ from qwen3coder.kernels import use_triton
 from qwen3coder.models.context import ForwardContext
 from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.norms import RMSNorm
-from qwen3coder.models.layers.partials import PendingNorm
 from qwen3coder.models.layers.rotary import RotaryEmbedding
 
 
@@ -185,11 +184,9 @@ class Qwen3Attention(nn.Module):
         q, kv = self.q_size, self.kv_size
         return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | PendingNorm, ctx: ForwardContext
-                ) -> torch.Tensor:
-        """`hidden` may be `PendingNorm` (the input norm not applied yet): the qkv projection applies it."""
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        n = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
-        n = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         gate = None
         if self.output_gate:

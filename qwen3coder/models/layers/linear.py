@@ -7,10 +7,7 @@ CUDA, no autograd, kernels enabled) and `use_skinny` accepts the shape (bf16/fp1
 `SKINNY_MAX_M` rows, ...); everything else — prefill-sized batches, fp32, training, CPU — goes to
 `F.linear` (cuBLAS on the GPU). `QWEN3CODER_SKINNY_GEMM=0` switches the skinny path off. Shapes
 that `qwen3coder.kernels.gemv` lists (measured wins: today the attention output projection at batch 1)
-take its register-tile GEMV first, whose weight reads start before the previous kernel ends. The input
-may be `PendingNorm` (a decoder layer's input norm not applied yet): shapes that the GEMV's norm-fused
-variant lists (`gemv.NORM_TUNED`: the 30B-A3B qkv projection at batch 1) normalise in its prologue;
-otherwise the norm runs first, as its own kernel.
+take its register-tile GEMV first, whose weight reads start before the previous kernel ends.
 
 Quantized weights never take the skinny path: the kernel reads `weight` as bf16/fp16 values, so a
 weight stored in another dtype (FP8) or a module carrying scales (`weight_scale`,
@@ -25,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3coder.kernels import use_triton
-from qwen3coder.models.layers.partials import PendingNorm, SplitKPartials
+from qwen3coder.models.layers.partials import SplitKPartials
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -50,26 +47,14 @@ def skinny_eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return use_skinny(x.numel() // max(1, k), weight.shape[0], k, x.dtype, x.device)
 
 
-def gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: bool = False):
+def gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """The `kernels.gemv` configuration when `linear(x, weight, bias)` (x on the Triton path) should
-    take that kernel — `_half_operands`, 2-D x, and `gemv.gemv_config`'s shape policy (`norm`: of the
-    norm-fused variant) — else None."""
+    take that kernel — `_half_operands`, 2-D x, and `gemv.gemv_config`'s shape policy — else None."""
     if x.dim() != 2 or not _half_operands(x, weight, bias):
         return None
     from qwen3coder.kernels.gemv import gemv_config as policy
 
-    return policy(x.shape[0], weight.shape[0], x.shape[1], x.dtype, x.device, norm=norm)
-
-
-def normed_linear(x: PendingNorm, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`linear(x.materialize(), weight, bias)`: in one kernel where the norm-fused GEMV takes the shape."""
-    rows, norm = x.x, x.norm
-    if use_triton(rows) and norm.weight.dtype == rows.dtype and \
-            (cfg := gemv_config(rows, weight, bias, norm=True)) is not None:
-        from qwen3coder.kernels.gemv import gemv
-
-        return gemv(rows, weight, bias, cfg, norm=(norm.weight, norm.eps, norm.zero_centered))
-    return linear(x.materialize(), weight, bias)
+    return policy(x.shape[0], weight.shape[0], x.shape[1], x.dtype, x.device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,11 +86,7 @@ class Linear(nn.Linear):
         """Whether the layer carries FP8 scales (then only `F.linear` serves it)."""
         return getattr(self, "weight_scale_inv", None) is not None or getattr(self, "weight_scale", None) is not None
 
-    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor | SplitKPartials:
-        if isinstance(x, PendingNorm):
-            if self.quantized:
-                return F.linear(x.materialize(), self.weight, self.bias)
-            return normed_linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
         if self.quantized:
             return F.linear(x, self.weight, self.bias)  # a quantized layer: not for the bf16 kernel
         if self.fold_split_k and self.bias is None and x.dim() == 2 and use_triton(x) \

@@ -32,7 +32,7 @@ from qwen3coder.kernels import use_triton
 from qwen3coder.models.layers.linear import Linear
 from qwen3coder.models.layers.mlp import SwiGLUMLP
 from qwen3coder.models.layers.norms import RMSNorm
-from qwen3coder.models.layers.partials import Partials, ResidualAdded, TopKPartials
+from qwen3coder.models.layers.partials import Partials, TopKPartials
 
 
 def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, dtype: torch.dtype
@@ -76,11 +76,6 @@ FUSED_NORM_ROUTER = os.environ.get("QWEN3CODER_FUSED_ROUTER", "1") != "0"
 # that launch skips the expert-sorted layout when the MoE GEMVs (`kernels.moe_gemv`) take the rows: they
 # find each pair's expert in topk_ids. False: always build it (benchmarks compare the two).
 SKIP_ALIGN_FOR_GEMV = True
-# where the MoE GEMVs take the rows and the output goes only to the next RMSNorm(hidden, residual)
-# (`fold_topk_sum`), their down kernel adds the output to the residual itself and the block returns
-# `ResidualAdded`: the next layer's input norm then runs inside its qkv GEMV (`kernels.gemv`, `norm=`).
-# QWEN3CODER_FOLD_RESIDUAL=0: off.
-FOLD_RESIDUAL = os.environ.get("QWEN3CODER_FOLD_RESIDUAL", "1") != "0"
 
 
 class Experts(nn.Module):
@@ -146,13 +141,11 @@ class SparseMoeBlock(nn.Module):
         return out
 
     def forward_with_norm(self, hidden: torch.Tensor | Partials, residual: torch.Tensor, norm: RMSNorm
-                          ) -> tuple[torch.Tensor | TopKPartials | ResidualAdded, torch.Tensor]:
+                          ) -> tuple[torch.Tensor | TopKPartials, torch.Tensor]:
         """`(self(x), new_residual)` where `(x, new_residual) = norm(hidden, residual)`: the decoder layer's
         post-attention norm and this block. Unless `QWEN3CODER_FUSED_ROUTER=0`, on the Triton path, for
         decode-sized batches and without a shared expert, the norm, the router GEMV and the routing
-        run as one launch (`kernels.norm_router`); otherwise exactly `norm` then `forward`. Where the MoE
-        GEMVs then take the rows and `fold_topk_sum` is set, `(ResidualAdded(), new_residual + self(x))`
-        (`FOLD_RESIDUAL`)."""
+        run as one launch (`kernels.norm_router`); otherwise exactly `norm` then `forward`."""
         from qwen3coder.kernels.norm_router import norm_router_fits
 
         n, h = residual.shape
@@ -163,22 +156,16 @@ class SparseMoeBlock(nn.Module):
             x, residual = norm(hidden, residual)
             return self(x), residual
         from qwen3coder.kernels.fused_moe import moe_block_m
-        from qwen3coder.kernels.moe_gemv import moe_gemv, moe_gemv_config
+        from qwen3coder.kernels.moe_gemv import moe_gemv_config
         from qwen3coder.kernels.norm_router import fused_norm_router_route
 
         x = hidden.partials if isinstance(hidden, Partials) else hidden
-        gemv_cfg = moe_gemv_config(n, residual, self.experts.gate_up_proj)
         # rows that the MoE GEMVs take need no expert-sorted layout: the routing skips it
-        align = not (SKIP_ALIGN_FOR_GEMV and gemv_cfg is not None)
+        align = not (SKIP_ALIGN_FOR_GEMV and moe_gemv_config(n, residual, self.experts.gate_up_proj) is not None)
         x, residual, _, r = fused_norm_router_route(x, residual, norm.weight, norm.eps, norm.zero_centered,
                                                     self.gate.weight, self.top_k, self.norm_topk_prob,
                                                     moe_block_m(n * self.top_k, self.experts.num_experts),
                                                     align=align)
-        if FOLD_RESIDUAL and self.fold_topk_sum and gemv_cfg is not None:
-            experts = self.experts
-            residual = moe_gemv(x, experts.gate_up_proj, experts.down_proj, r.topk_weights, r.topk_ids, gemv_cfg,
-                                residual=residual)
-            return ResidualAdded(), residual
         reduce = not self.fold_topk_sum
         # without the layout (None, None): the GEMVs need none
         out = self.experts(x, r.topk_weights, r.topk_ids, align=(r.sorted_ids, r.block_expert), reduce=reduce)

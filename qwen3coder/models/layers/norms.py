@@ -9,8 +9,7 @@
 `(norm(x + residual), x + residual)`; the sum is the same one transformers computes. `x` may be a
 layer output left unsummed, `Partials` (Triton path only: a MoE layer's top-k expert outputs or the
 attention output projection's split-K products, see `qwen3coder.models.layers.partials`): the fused
-kernel then also sums the partials, so `x + residual` is `partials.reduce() + residual`. `x` may also
-be `ResidualAdded` (the layer already added its output to `residual`): then `(norm(residual), residual)`.
+kernel then also sums the partials, so `x + residual` is `partials.reduce() + residual`.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3coder.kernels import use_triton
-from qwen3coder.models.layers.partials import Partials, ResidualAdded
+from qwen3coder.models.layers.partials import Partials
 
 
 class RMSNorm(nn.Module):
@@ -37,13 +36,9 @@ class RMSNorm(nn.Module):
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
-    def forward(self, x: torch.Tensor | Partials | ResidualAdded, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor | Partials, residual: torch.Tensor | None = None):
         """norm(x), or (norm(x + residual), x + residual) when a residual is given. `Partials` (always
-        with a residual) are summed first: in the kernel, or by `reduce()` off the Triton path.
-        `ResidualAdded`: (norm(residual), residual)."""
-        if isinstance(x, ResidualAdded):
-            assert residual is not None, "ResidualAdded comes with the residual it was added to"
-            return self(residual), residual
+        with a residual) are summed first: in the kernel, or by `reduce()` off the Triton path."""
         if isinstance(x, Partials):
             assert residual is not None, "partials are only ever added to a residual"
             assert x.out_dtype == residual.dtype, (x.out_dtype, residual.dtype)

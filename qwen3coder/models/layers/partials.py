@@ -8,23 +8,13 @@ the skinny GEMM of the attention output projection (`SplitKPartials`, see
 the activation dtype and goes on exactly as for a summed input. A distinct type rather than a bare
 3-D tensor, so that it cannot be mistaken for hidden states: anything other than that norm must call
 `reduce()`.
-
-At batch 1–2 the MoE GEMVs go one step further: their down kernel adds the layer output to the
-residual itself (`kernels.moe_gemv`, `residual=`), and the layer returns `ResidualAdded` in place of an
-output. The next norm then only normalises the residual, and a decoder layer hands that norm to its qkv
-projection as `PendingNorm`, which the register GEMV applies in its prologue (`kernels.gemv`, `norm=`):
-no launch of its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from qwen3coder.models.layers.norms import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -55,25 +45,3 @@ class TopKPartials(Partials):
 class SplitKPartials(Partials):
     """A skinny GEMM's fp32 split-K partial products [N, S, H] (a view of its [S, N, H] buffer); the
     sum in split order, rounded once to `dtype`, is what the GEMM's own reduction would return."""
-
-
-@dataclass(frozen=True)
-class ResidualAdded:
-    """In place of a layer output: the layer's last kernel already added it to the residual it returns,
-    so the next `RMSNorm(hidden, residual)` only normalises `residual`."""
-
-
-@dataclass(frozen=True)
-class PendingNorm:
-    """`norm(x)`, not computed yet: a `Linear` whose register GEMV takes the shape normalises the rows in
-    its own prologue; for anything else `materialize()` runs the norm."""
-
-    x: torch.Tensor
-    norm: "RMSNorm"
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.x.shape
-
-    def materialize(self) -> torch.Tensor:
-        return self.norm(self.x)

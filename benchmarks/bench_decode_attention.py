@@ -5,7 +5,7 @@ for every combination of a split policy, a pipelining depth, a warp count and a 
 
     python benchmarks/bench_decode_attention.py [--batches 1,4,16] [--contexts 160,300,600,2048,8192]
         [--extra 10x2048] [--splits graph,pps4,pps8,1] [--stages 3] [--warps 4] [--min-tiles 1]
-        [--bound 32832] [--time-budget 50] [--out-dir DIR]
+        [--bound 32832] [--layouts token] [--block-sizes 16] [--tiles 64] [--time-budget 50] [--out-dir DIR]
 
 Shape: 32 query / 4 KV heads, head_dim 128, bf16, cache block 16 (the engine's default). All sequences of
 a (batch, context) case have that context. Split policies: `graph` is the count a CUDA graph captured with
@@ -13,7 +13,12 @@ the `--bound` (max_model_len) upper bound gets, `choose_num_splits(batch, 4, bou
 `PROGRAMS_PER_SM = K` (the default is 2); an integer is a fixed count (`1`: one program per (sequence, KV
 head), no merge kernel). `--stages` is the tile loop's `num_stages` (1 = not pipelined), `--warps` the
 split kernel's `num_warps`, `--min-tiles` the floor of 64-token tiles per split (1 = none). `used` is the
-number of splits that do work per sequence (`splits_used`).
+number of splits that do work per sequence (`splits_used`). `--layouts` times cache layouts: `token` is the
+engine's `[blocks, block_size, Hk, D]`; `head` stores `[blocks, Hk, block_size, D]` (each KV head's block
+contiguous) and passes the kernel a permuted view, whose strides it takes as they come; `--block-sizes`
+times other cache block sizes (tokens per block), `--tiles` tokens per tile-loop step (which also set the
+split arithmetic; 0 = the engine's choice for the batch, `DECODE_LAUNCH`, whose stages and warps `--stages 0
+--warps 0` take as well).
 
 Timing: enough distinct KV caches (> 3x the L2, at least 2 — one per "layer") called in turn inside one
 CUDA graph and replayed (`qwen3coder.bench.timing.cuda_graph_us`), so the keys and values stream from
@@ -80,16 +85,26 @@ def config_label(config: tuple[str, int, int, int]) -> str:
     return f"{pol}/st{st}/w{w}" + (f"/mt{mt}" if mt != 1 else "")
 
 
-def split_count(policy: str, batch: int, bound: int, dev: torch.device) -> int:
+def split_count(policy: str, batch: int, bound: int, dev: torch.device, tile: int = 64) -> int:
     """The split count a policy gives for `batch` sequences under the length bound."""
     from qwen3coder.kernels.paged_attention import choose_num_splits
     if policy.isdigit():
         return int(policy)
     pps = int(policy[3:]) if policy.startswith("pps") else None
-    return choose_num_splits(batch, KV_HEADS, bound, dev, programs_per_sm=pps)
+    return choose_num_splits(batch, KV_HEADS, bound, dev, programs_per_sm=pps, tile=tile)
 
 
-def bench_case(batch: int, ctx: int, configs: list[tuple[str, int, int, int]], bound: int, l2: int) -> dict:
+def cache_tensor(num_blocks: int, block: int, layout: str, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A random cache `[blocks, block, Hk, D]`: contiguous (`token`), or a view of `[blocks, Hk, block, D]`
+    storage (`head`)."""
+    if layout == "token":
+        return torch.randn(num_blocks, block, KV_HEADS, HEAD_DIM, device=dev, dtype=dtype)
+    assert layout == "head", layout
+    return torch.randn(num_blocks, KV_HEADS, block, HEAD_DIM, device=dev, dtype=dtype).permute(0, 2, 1, 3)
+
+
+def bench_case(batch: int, ctx: int, configs: list[tuple[str, int, int, int]], bound: int, l2: int,
+               layout: str = "token", block: int = BLOCK, tile: int = 64) -> dict:
     """One (batch, context): µs per call and splits used for each configuration, the largest error."""
     from qwen3coder.bench.timing import cuda_graph_us
     from qwen3coder.kernels.paged_attention import paged_attention_decode, splits_used
@@ -98,20 +113,19 @@ def bench_case(batch: int, ctx: int, configs: list[tuple[str, int, int, int]], b
 
     dev, dtype = torch.device("cuda"), torch.bfloat16
     copies = max(2, min(MAX_COPIES, -(-3 * l2 // kv_bytes(batch, ctx))))
-    blocks_per_seq = -(-ctx // BLOCK)
+    blocks_per_seq = -(-ctx // block)
     num_blocks = batch * blocks_per_seq + 1
-    width = -(-bound // BLOCK)
+    width = -(-bound // block)
     perm = torch.randperm(num_blocks - 1)[:batch * blocks_per_seq] + 1  # scattered blocks, 0 unused
     table = torch.zeros(batch, width, dtype=torch.int32)
     table[:, :blocks_per_seq] = perm.view(batch, blocks_per_seq).to(torch.int32)
     table = table.to(dev)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
-    caches = [(torch.randn(shape, device=dev, dtype=dtype), torch.randn(shape, device=dev, dtype=dtype))
+    caches = [(cache_tensor(num_blocks, block, layout, dev, dtype), cache_tensor(num_blocks, block, layout, dev, dtype))
               for _ in range(copies)]
     qs = [torch.randn(batch, HEADS, HEAD_DIM, device=dev, dtype=dtype) for _ in range(min(copies, 8))]
     scale = HEAD_DIM ** -0.5
-    ctx_obj = ForwardContext.build([1] * batch, [ctx] * batch, table[:, :blocks_per_seq].tolist(), BLOCK,
+    ctx_obj = ForwardContext.build([1] * batch, [ctx] * batch, table[:, :blocks_per_seq].tolist(), block,
                                    device="cuda")
     expected = paged_attention_reference(qs[0].float(), caches[0][0], caches[0][1], ctx_obj, scale)
     reps = copies * -(-48 // copies)
@@ -121,21 +135,26 @@ def bench_case(batch: int, ctx: int, configs: list[tuple[str, int, int, int]], b
         def call(i: int) -> torch.Tensor:
             k, v = caches[i]
             return paged_attention_decode(qs[i % len(qs)], k, v, table, lens, scale, num_splits=splits,
-                                          min_tiles_per_split=mt, num_warps=warps, num_stages=stages)
+                                          min_tiles_per_split=mt, num_warps=warps, num_stages=stages,
+                                          tile=launch.tile)
         err = (call(0).float() - expected).abs().max().item()
         return cuda_graph_us(_rotating(copies, call), reps, iters=iters), err
 
-    row: dict = {"batch": batch, "ctx": ctx, "graph_splits": split_count("graph", batch, bound, dev),
+    from qwen3coder.kernels.paged_attention import DecodeLaunch, decode_launch
+
+    # tile 0: the engine's launch for this batch (`DECODE_LAUNCH`), with its stages and warps
+    launch = decode_launch(batch) if not tile else DecodeLaunch(tile)
+    row: dict = {"batch": batch, "ctx": ctx, "layout": layout, "block": block, "tile": tile, "graph_splits": split_count("graph", batch, bound, dev),
                  "copies": copies, "kv_mb_per_call": round(kv_bytes(batch, ctx) / 2 ** 20, 2), "us": {},
                  "splits": {}, "used": {}, "max_abs_diff": 0.0}
     for config in configs:
         pol, st, w, mt = config
-        splits = split_count(pol, batch, bound, dev)
-        us, err = run(splits, st, w, mt)
+        splits = split_count(pol, batch, bound, dev, launch.tile)
+        us, err = run(splits, st or launch.num_stages, w or launch.num_warps, mt)
         label = config_label(config)
         row["us"][label] = round(us, 2)
         row["splits"][label] = splits
-        row["used"][label] = splits_used(ctx, splits, mt)
+        row["used"][label] = splits_used(ctx, splits, mt, launch.tile)
         row["max_abs_diff"] = max(row["max_abs_diff"], err)
     row["max_abs_diff"] = round(row["max_abs_diff"], 5)
     row["best"] = min(row["us"], key=row["us"].get)
@@ -161,6 +180,10 @@ def main() -> None:
     ap.add_argument("--warps", default="4", help="num_warps of the split kernel to time")
     ap.add_argument("--min-tiles", default="1", help="floors of tiles per split to time (1 = none)")
     ap.add_argument("--bound", type=int, default=BOUND, help="max_model_len the graph's split count is for")
+    ap.add_argument("--layouts", default="token", help="cache layouts to time: token (the engine's), head")
+    ap.add_argument("--block-sizes", default=str(BLOCK), help="cache block sizes (tokens) to time")
+    ap.add_argument("--tiles", default="64", help="tokens per tile-loop step to time; 0: the engine's launch "
+                    "for the batch (DECODE_LAUNCH, with --stages 0 --warps 0 its stages and warps too)")
     ap.add_argument("--time-budget", type=float, default=50.0, help="seconds; later cases are skipped")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
@@ -177,20 +200,24 @@ def main() -> None:
     labels = [config_label(c) for c in configs]
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2 ** 20)
     width = max(9, *(len(lb) for lb in labels))
-    head = f"{'batch':>5} {'ctx':>5} | " + " ".join(f"{lb:>{width}}" for lb in labels) + " | best"
+    variants = [(lay, int(b), int(t)) for lay in args.layouts.split(",") for b in args.block_sizes.split(",")
+                for t in args.tiles.split(",")]
+    head = f"{'batch':>5} {'ctx':>5} {'layout':>12} | " + " ".join(f"{lb:>{width}}" for lb in labels) + " | best"
     print(head + "\n" + "-" * len(head), flush=True)
     rows: list[dict] = []
     skipped: list[tuple[int, int]] = []
     with torch.no_grad():
         for batch, ctx in cases:
-            if time.time() - t0 > args.time_budget:
-                skipped.append((batch, ctx))
-                continue
-            r = bench_case(batch, ctx, configs, args.bound, l2)
-            rows.append(r)
-            timings = " ".join(f"{r['us'][lb]:>{width - 5}.2f} S{r['splits'][lb]:<3}" for lb in labels)
-            error = f"  ERROR {r['max_abs_diff']:.3g}" if r["max_abs_diff"] > 2e-2 else ""
-            print(f"{batch:>5} {ctx:>5} | {timings} | {r['best']} {r['tbps_best']} TB/s{error}", flush=True)
+            for layout, block, tile in variants:
+                if time.time() - t0 > args.time_budget:
+                    skipped.append((batch, ctx, layout, block, tile))
+                    continue
+                r = bench_case(batch, ctx, configs, args.bound, l2, layout, block, tile)
+                rows.append(r)
+                timings = " ".join(f"{r['us'][lb]:>{width - 5}.2f} S{r['splits'][lb]:<3}" for lb in labels)
+                error = f"  ERROR {r['max_abs_diff']:.3g}" if r["max_abs_diff"] > 2e-2 else ""
+                print(f"{batch:>5} {ctx:>5} {layout[:5] + str(block) + '/' + str(tile):>12} | {timings} | {r['best']} "
+                      f"{r['tbps_best']} TB/s{error}", flush=True)
     if skipped:
         print(f"[decode-attn] out of time, skipped {skipped}", flush=True)
     best, worst = suggest(rows, labels) if rows else (None, {})
@@ -199,13 +226,19 @@ def main() -> None:
     print(f"worst slowdown vs per-case best: {worst}; best overall: {best} (current: graph/st{pa.NUM_STAGES}/"
           f"w{pa.NUM_WARPS}, PROGRAMS_PER_SM = {pa.PROGRAMS_PER_SM})", flush=True)
     print(f"[decode-attn] {time.time() - t0:.0f} s", flush=True)
-    metrics = {f"bs{r['batch']}_ctx{r['ctx']}": r for r in rows}
-    metrics["best"] = {f"bs{r['batch']}_ctx{r['ctx']}": r["best"] for r in rows}
+    def key(r: dict) -> str:  # the engine's layout keeps the keys of earlier JSONs
+        tail = "" if (r["layout"], r["block"]) == ("token", BLOCK) else f"_{r['layout']}{r['block']}"
+        tail += "" if r["tile"] == 64 else "_engine" if r["tile"] == 0 else f"_tile{r['tile']}"
+        return f"bs{r['batch']}_ctx{r['ctx']}{tail}"
+
+    metrics = {key(r): r for r in rows}
+    metrics["best"] = {key(r): r["best"] for r in rows}
     metrics["worst_slowdown"] = worst
     metrics["best_overall"] = best
     write_result("decode_attention_30b-a3b", metrics,
                  extra={"shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                                  "block_size": BLOCK, "dtype": "bfloat16"},
+                                  "block_size": BLOCK, "dtype": "bfloat16"}, "layouts": args.layouts,
+                        "block_sizes": args.block_sizes, "tiles": args.tiles,
                         "bound": args.bound, "configs": labels,
                         "defaults": {"programs_per_sm": pa.PROGRAMS_PER_SM, "num_stages": pa.NUM_STAGES,
                                      "num_warps": pa.NUM_WARPS, "min_tiles": pa.MIN_TILES_PER_SPLIT},

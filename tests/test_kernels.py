@@ -235,6 +235,30 @@ def test_paged_decode_splits_used():
     assert [splits_used(n, 3, 4) for n in (700, 2048)] == [3, 3]  # cdiv(tiles, S) above the floor
     assert splits_used(8192, 64, 10 ** 6) == 1
     assert splits_used(160, 64) == splits_used(160, 64, MIN_TILES_PER_SPLIT)
+    assert [splits_used(n, 64, 1, 128) for n in (1, 128, 129, 160, 2048)] == [1, 1, 2, 2, 16]  # 128-token tiles
+
+
+def test_paged_decode_launch_by_batch_bucket(monkeypatch):
+    """`decode_launch(N)`: the next listed bucket's entry, the largest bucket's beyond it; the kernel's
+    tile sets the split arithmetic (no more splits than tiles of the bound)."""
+    import qwen3coder.kernels.paged_attention as pa
+
+    monkeypatch.setattr(pa, "DECODE_LAUNCH", {1: pa.DecodeLaunch(128, 5, 4), 16: pa.DecodeLaunch(64, 2, 8)})
+    assert pa.decode_launch(1) == pa.DecodeLaunch(128, 5, 4)
+    assert pa.decode_launch(2) == pa.decode_launch(16) == pa.decode_launch(300) == pa.DecodeLaunch(64, 2, 8)
+    monkeypatch.setattr(pa, "DECODE_LAUNCH", {})
+    assert pa.decode_launch(4) == pa.DecodeLaunch()
+    cpu = torch.device("cpu")
+    assert choose_num_splits(1, 1, 100, cpu, tile=128) == 1
+    assert choose_num_splits(1, 1, 1000, cpu, tile=128) == 8
+
+
+def test_paged_decode_default_launch_table():
+    """Every decode graph bucket (1..64) is listed, with power-of-two tiles of 64 or 128 tokens."""
+    import qwen3coder.kernels.paged_attention as pa
+
+    assert set(pa.DECODE_LAUNCH) == {1, 2, 4, 8, 16, 32, 64}
+    assert all(launch.tile in (64, 128) and launch.num_stages >= 1 for launch in pa.DECODE_LAUNCH.values())
 
 
 def _decode_nan_scratch(*args, **kwargs) -> torch.Tensor:
@@ -260,22 +284,24 @@ MIXED_LENS = [1, 63, 64, 65, 160, 256, 257, 700]
 @pytest.mark.parametrize("num_splits", [3, 64])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size",
                          [(8, 2, 64, 16), (8, 1, 128, 32), (6, 2, 32, 16)])
-def test_paged_decode_min_tiles(min_tiles, num_splits, heads, kv_heads, head_dim, block_size):
-    """A fixed split count (64: a captured graph's) and a floor of tiles per split: in one batch some
-    sequences use a single split (their output written by the split kernel, the merge skipping them)
-    and others several (merged). Rows of single-split sequences equal the `S == 1` path bitwise."""
+@pytest.mark.parametrize("tile", [64, 128])
+def test_paged_decode_min_tiles(min_tiles, num_splits, heads, kv_heads, head_dim, block_size, tile):
+    """A fixed split count (64: a captured graph's) and a floor of tiles per split, with 64- and
+    128-token tiles: in one batch some sequences use a single split (their output written by the split
+    kernel, the merge skipping them) and others several (merged). Rows of single-split sequences equal
+    the `S == 1` path bitwise."""
     q, k_cache, v_cache, ctx = _paged_case(MIXED_LENS, heads, kv_heads, head_dim, block_size, torch.float32,
                                            seed=7, width=64)
-    used = [splits_used(n, num_splits, min_tiles) for n in MIXED_LENS]
-    if num_splits == 64 and min_tiles in (1, 2, 4):
+    used = [splits_used(n, num_splits, min_tiles, tile) for n in MIXED_LENS]
+    if num_splits == 64 and (min_tiles == 1 or (tile == 64 and min_tiles in (2, 4))):
         assert 1 in used and max(used) > 1  # a mixed batch
     scale = head_dim ** -0.5
     expected = paged_attention_reference(q, k_cache, v_cache, ctx, scale)
     args = (q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale)
-    got = _decode_nan_scratch(*args, num_splits=num_splits, min_tiles_per_split=min_tiles)
+    got = _decode_nan_scratch(*args, num_splits=num_splits, min_tiles_per_split=min_tiles, tile=tile)
     assert not got.isnan().any()
     assert (got - expected).abs().max().item() <= TOL[torch.float32] * 4
-    single = _decode_nan_scratch(*args, num_splits=1)
+    single = _decode_nan_scratch(*args, num_splits=1, tile=tile)
     one = torch.tensor(used, device=q.device) == 1
     assert torch.equal(got[one], single[one])
 

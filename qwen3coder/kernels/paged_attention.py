@@ -6,11 +6,11 @@ Design (flash-decoding with a split count fixed on the host, token ranges chosen
   queries form the rows of a `[GROUP_PAD, head_dim]` tile, padded to at least 16 rows so that QK^T
   and PV run as `tl.dot` on tensor cores (fp32 accumulation).
 * The split count `S` comes from the host: enough programs to fill the GPU (about two per SM),
-  capped by the number of `TILE`-token tiles under the host-side length bound `max_seq_len` and by
+  capped by the number of tiles under the host-side length bound `max_seq_len` and by
   `MAX_SPLITS`. It depends only on (batch size, bound), so a CUDA graph captured with the
   `max_model_len` bound keeps its grid; no host sync, lengths are read on the device only.
 * Each program derives its own token range from the REAL `seq_lens[seq]` loaded in the kernel:
-  the sequence's `cdiv(seq_len, TILE)` tiles are dealt out in runs of
+  the sequence's `cdiv(seq_len, tile)` tiles are dealt out in runs of
   `per_split = max(cdiv(tiles, S), min_tiles)` tiles, so `used = cdiv(tiles, per_split)` splits do
   work. The floor `min_tiles` (a runtime argument, default `MIN_TILES_PER_SPLIT`) could keep a short
   context from being spread one tile per split (with a graph's S = 64, a 160-token context becomes 3
@@ -21,7 +21,9 @@ Design (flash-decoding with a split count fixed on the host, token ranges chosen
   it) was measured and dropped: on an H200 it saved ~1 µs per call at short contexts alone, but cost up
   to 35% at batch 16 from 2K tokens (the tile held in registers beside the pipelined loop) and was slower
   in the model at batch 1, 2, 10 (2K context) and 16 (`decode_variants_30b-a3b-20261130T120159.json`).
-* The inner loop walks 64-token tiles; a tile's key/value rows are gathered through the block table
+* The inner loop walks tiles of 64 or 128 tokens, and the launch (pipelining depth, warps) is chosen per
+  batch bucket (`DECODE_LAUNCH`: the batch size is all a CUDA graph can key on, the lengths being read on
+  the device); a tile's key/value rows are gathered through the block table
   (`block = token // block_size`, any power-of-two block size). Softmax is online, in base 2 with
   `scale * log2(e)` folded into the scores; tokens at or past `seq_len` are masked (and their block
   table entries never read). p is cast to the value dtype before the PV dot.
@@ -88,6 +90,38 @@ MERGE_LOOP_CHUNK = 8
 PROGRAMS_PER_SM = 2  # split programs `choose_num_splits` aims at per SM
 NUM_WARPS = 4  # warps of a split program
 NUM_STAGES = 3  # software-pipelining depth of the tile loop (Triton's default on CUDA)
+
+
+class DecodeLaunch(NamedTuple):
+    """The split kernel's tokens per tile-loop step, pipelining depth and warps."""
+    tile: int = TILE
+    num_stages: int = NUM_STAGES
+    num_warps: int = NUM_WARPS
+
+
+# Launch by batch bucket (the decode graphs' batch sizes; larger batches take the 64 entry). Chosen from
+# a sweep of tiles 64/128 x stages 2-5 x warps 4/8 at contexts 160-4,096 with the graph split counts (H200,
+# 30B-A3B heads, `bench_decode_attention.py --tiles 64,128 --stages 2,3,4,5 --warps 4,8`,
+# benchmarks/results/decode_attention_30b-a3b-20261130T184720.json), µs per layer (split + merge):
+#   batch 1, 160 / 300 / 2,048 / 4,096 tokens: 5.75 / 6.20 / 18.6 / 23.5 with (64, 3, 4) -> 6.15 / 6.32 /
+#     8.3 / 11.8 with (128, 5, 4)
+#   batch 2: 11.7 / 12.1 / 14.9 / 24.3 -> 6.0 / 6.2 / 10.1 / 17.9 with (128, 3, 4); batch 4 and 8 alike
+#   batch 10 (bucket 16), 2,048 / 3,072: 24.0 / 30.8 -> 19.3 / 24.3 with (128, 2, 4); batch 16 at
+#     160 / 2,048: 13.9 / 32.8 -> 11.4 / 31.0
+#   batch 32: the default within 9% of every case's best; batch 64: (64, 2, 8) 1-4% faster
+DECODE_LAUNCH: dict[int, DecodeLaunch] = {
+    1: DecodeLaunch(128, 5, 4), 2: DecodeLaunch(128, 3, 4), 4: DecodeLaunch(128, 2, 4), 8: DecodeLaunch(128, 2, 4),
+    16: DecodeLaunch(128, 2, 4), 32: DecodeLaunch(64, 3, 4), 64: DecodeLaunch(64, 2, 8),
+}
+
+
+def decode_launch(num_seqs: int) -> DecodeLaunch:
+    """`DECODE_LAUNCH`'s entry for a batch of `num_seqs` (the next listed bucket; the largest beyond)."""
+    for bucket in sorted(DECODE_LAUNCH):
+        if num_seqs <= bucket:
+            return DECODE_LAUNCH[bucket]
+    return DECODE_LAUNCH[max(DECODE_LAUNCH)] if DECODE_LAUNCH else DecodeLaunch()
+
 _CPU_SMS = 8  # stand-in SM count off the GPU (Triton's interpreter)
 _LOG2E = 1.4426950408889634
 
@@ -322,13 +356,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, bound: int, device: torch.device,
-                      programs_per_sm: int | None = None) -> int:
+                      programs_per_sm: int | None = None, tile: int = TILE) -> int:
     """Splits per (sequence, KV head): about `programs_per_sm` (None: `PROGRAMS_PER_SM`) programs per SM,
-    at most one per `TILE` tokens of the host-side length `bound` and at most `MAX_SPLITS`. Host
+    at most one per `tile` tokens of the host-side length `bound` and at most `MAX_SPLITS`. Host
     integers only (graph-safe)."""
     per_sm = programs_per_sm or PROGRAMS_PER_SM
     fill = triton.next_power_of_2(triton.cdiv(per_sm * _num_sms(device), max(1, num_seqs * num_kv_heads)))
-    return max(1, min(MAX_SPLITS, triton.cdiv(max(1, bound), TILE), fill))
+    return max(1, min(MAX_SPLITS, triton.cdiv(max(1, bound), tile), fill))
 
 
 def merge_chunk(num_splits: int) -> int:
@@ -337,10 +371,11 @@ def merge_chunk(num_splits: int) -> int:
     return min(MERGE_LOOP_CHUNK, max(2, triton.next_power_of_2(num_splits)))
 
 
-def splits_used(seq_len: int, num_splits: int, min_tiles: int = MIN_TILES_PER_SPLIT) -> int:
-    """Splits that do work for a sequence of `seq_len` tokens (>= 1) under `num_splits` splits and a
-    floor of `min_tiles` tiles per split: the kernels' device-side arithmetic, on host integers."""
-    num_tiles = -(-seq_len // TILE)
+def splits_used(seq_len: int, num_splits: int, min_tiles: int = MIN_TILES_PER_SPLIT, tile: int = TILE) -> int:
+    """Splits that do work for a sequence of `seq_len` tokens (>= 1) under `num_splits` splits, a floor of
+    `min_tiles` tiles per split and `tile` tokens per tile: the kernels' device-side arithmetic, on host
+    integers."""
+    num_tiles = -(-seq_len // tile)
     per_split = max(-(-num_tiles // max(1, num_splits)), max(1, min_tiles))
     return -(-num_tiles // per_split)
 
@@ -389,7 +424,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_seq_len: int | None = None, num_splits: int | None = None,
                            min_tiles_per_split: int | None = None, last_split_merge: bool | None = None,
                            prologue: DecodePrologue | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None) -> torch.Tensor:
+                           num_stages: int | None = None, tile: int | None = None) -> torch.Tensor:
     """Decode attention: q [N, Hq, D] (one token per sequence) -> [N, Hq, D].
 
     Caches are `[blocks, block_size, Hk, D]`; `block_tables` [N, width] int32 (entries past a
@@ -402,7 +437,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     merge the splits in the attention kernel, no merge launch. `prologue`: q (then any token/head
     strides) and the prologue's k/v are the step's raw projections; the kernel norms and rotates them
     and stores k/v in the cache first, with the same arithmetic as `fused_qk_norm_rope_store` (same bits).
-    `num_warps` / `num_stages` (None: `NUM_WARPS` / `NUM_STAGES`) are the split kernel's launch options."""
+    `tile` / `num_warps` / `num_stages` (None: `decode_launch(N)`'s) are the split kernel's tokens per
+    tile-loop step and launch options; the split arithmetic counts tiles of `tile` tokens."""
     assert triton is not None, "triton is not installed"
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -414,9 +450,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
+    launch = decode_launch(num_seqs)
+    tile = tile or launch.tile
+    assert tile >= 16 and tile & (tile - 1) == 0, f"tile must be a power of two >= 16, got {tile}"
     if num_splits is None:
         bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device, tile=tile)
     num_splits = max(1, int(num_splits))
     min_tiles = max(1, int(min_tiles_per_split if min_tiles_per_split is not None else MIN_TILES_PER_SPLIT))
     split = num_splits > 1
@@ -435,11 +474,11 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), num_splits, num_heads, min_tiles, **_prologue_args(prologue, q),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE_N=TILE, SPLIT=split, MERGE=merge_here, SPLITS_PAD=splits_pad,
-        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=num_warps or NUM_WARPS,
-        num_stages=num_stages or NUM_STAGES, **pdl_launch(q.device))
+        BLOCK_SIZE=block_size, TILE_N=tile, SPLIT=split, MERGE=merge_here, SPLITS_PAD=splits_pad,
+        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=num_warps or launch.num_warps,
+        num_stages=num_stages or launch.num_stages, **pdl_launch(q.device))
     if split and not merge_here:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
             m, l, acc, seq_lens, out, num_splits, num_heads, min_tiles, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, CHUNK=merge_chunk(num_splits), TILE_N=TILE, num_warps=4, **pdl_launch(q.device))
+            HEAD_DIM=head_dim, CHUNK=merge_chunk(num_splits), TILE_N=tile, num_warps=4, **pdl_launch(q.device))
     return out

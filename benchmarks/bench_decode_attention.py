@@ -144,7 +144,8 @@ def bench_case(batch: int, ctx: int, configs: list[tuple[str, int, int, int]], b
 
     # tile 0: the engine's launch for this batch (`DECODE_LAUNCH`), with its stages and warps
     launch = decode_launch(batch) if not tile else DecodeLaunch(tile)
-    row: dict = {"batch": batch, "ctx": ctx, "layout": layout, "block": block, "tile": tile, "graph_splits": split_count("graph", batch, bound, dev),
+    row: dict = {"batch": batch, "ctx": ctx, "layout": layout, "block": block, "tile": tile,
+                 "graph_splits": split_count("graph", batch, bound, dev, launch.tile),
                  "copies": copies, "kv_mb_per_call": round(kv_bytes(batch, ctx) / 2 ** 20, 2), "us": {},
                  "splits": {}, "used": {}, "max_abs_diff": 0.0}
     for config in configs:

@@ -86,7 +86,8 @@ VARIANTS: dict[str, Any] = {
     **{f"router_tile_{t // 1024}k": (lambda t=t: [(nr, "ROUTER_TILE", t), (nr, "ROUTER_TILE_SMALL", t)])
        for t in (2048, 4096, 8192, 16384)},
     "attn_last_split_merge": lambda: [(pa, "LAST_SPLIT_MERGE", True)],
-    "attn_stages5": lambda: [(pa, "DECODE_LAUNCH", {b: lc._replace(num_stages=5) for b, lc in pa.DECODE_LAUNCH.items()})],
+    "attn_stages5": lambda: [(pa, "DECODE_LAUNCH",
+                              {b: lc._replace(num_stages=5) for b, lc in pa.DECODE_LAUNCH.items()})],
     "attn_launch_64": lambda: [(pa, "DECODE_LAUNCH", {})],  # every batch: 64-token tiles, 3 stages, 4 warps
     "attn_merge_tile64": lambda: [(pa, "merge_chunk", lambda s: 64)],  # one 64-split tile: the merge before
     "attn_merge_chunk4": lambda: [(pa, "MERGE_LOOP_CHUNK", 4)],

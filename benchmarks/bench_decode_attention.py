@@ -17,8 +17,8 @@ number of splits that do work per sequence (`splits_used`). `--layouts` times ca
 engine's `[blocks, block_size, Hk, D]`; `head` stores `[blocks, Hk, block_size, D]` (each KV head's block
 contiguous) and passes the kernel a permuted view, whose strides it takes as they come; `--block-sizes`
 times other cache block sizes (tokens per block), `--tiles` tokens per tile-loop step (which also set the
-split arithmetic; 0 = the engine's choice for the batch, `DECODE_LAUNCH`, whose stages and warps `--stages 0
---warps 0` take as well).
+split arithmetic). Caution: these isolated timings did not carry over to the engine's decode graphs for
+every choice (128-token tiles: docs/PERFORMANCE.md); check a candidate with bench_decode_variants.py.
 
 Timing: enough distinct KV caches (> 3x the L2, at least 2 — one per "layer") called in turn inside one
 CUDA graph and replayed (`qwen3coder.bench.timing.cuda_graph_us`), so the keys and values stream from
@@ -136,26 +136,22 @@ def bench_case(batch: int, ctx: int, configs: list[tuple[str, int, int, int]], b
             k, v = caches[i]
             return paged_attention_decode(qs[i % len(qs)], k, v, table, lens, scale, num_splits=splits,
                                           min_tiles_per_split=mt, num_warps=warps, num_stages=stages,
-                                          tile=launch.tile)
+                                          tile=tile)
         err = (call(0).float() - expected).abs().max().item()
         return cuda_graph_us(_rotating(copies, call), reps, iters=iters), err
 
-    from qwen3coder.kernels.paged_attention import DecodeLaunch, decode_launch
-
-    # tile 0: the engine's launch for this batch (`DECODE_LAUNCH`), with its stages and warps
-    launch = decode_launch(batch) if not tile else DecodeLaunch(tile)
     row: dict = {"batch": batch, "ctx": ctx, "layout": layout, "block": block, "tile": tile,
-                 "graph_splits": split_count("graph", batch, bound, dev, launch.tile),
+                 "graph_splits": split_count("graph", batch, bound, dev, tile),
                  "copies": copies, "kv_mb_per_call": round(kv_bytes(batch, ctx) / 2 ** 20, 2), "us": {},
                  "splits": {}, "used": {}, "max_abs_diff": 0.0}
     for config in configs:
         pol, st, w, mt = config
-        splits = split_count(pol, batch, bound, dev, launch.tile)
-        us, err = run(splits, st or launch.num_stages, w or launch.num_warps, mt)
+        splits = split_count(pol, batch, bound, dev, tile)
+        us, err = run(splits, st, w, mt)
         label = config_label(config)
         row["us"][label] = round(us, 2)
         row["splits"][label] = splits
-        row["used"][label] = splits_used(ctx, splits, mt, launch.tile)
+        row["used"][label] = splits_used(ctx, splits, mt, tile)
         row["max_abs_diff"] = max(row["max_abs_diff"], err)
     row["max_abs_diff"] = round(row["max_abs_diff"], 5)
     row["best"] = min(row["us"], key=row["us"].get)
@@ -183,8 +179,7 @@ def main() -> None:
     ap.add_argument("--bound", type=int, default=BOUND, help="max_model_len the graph's split count is for")
     ap.add_argument("--layouts", default="token", help="cache layouts to time: token (the engine's), head")
     ap.add_argument("--block-sizes", default=str(BLOCK), help="cache block sizes (tokens) to time")
-    ap.add_argument("--tiles", default="64", help="tokens per tile-loop step to time; 0: the engine's launch "
-                    "for the batch (DECODE_LAUNCH, with --stages 0 --warps 0 its stages and warps too)")
+    ap.add_argument("--tiles", default="64", help="tokens per tile-loop step to time (64: the kernel's TILE)")
     ap.add_argument("--time-budget", type=float, default=50.0, help="seconds; later cases are skipped")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
@@ -229,7 +224,7 @@ def main() -> None:
     print(f"[decode-attn] {time.time() - t0:.0f} s", flush=True)
     def key(r: dict) -> str:  # the engine's layout keeps the keys of earlier JSONs
         tail = "" if (r["layout"], r["block"]) == ("token", BLOCK) else f"_{r['layout']}{r['block']}"
-        tail += "" if r["tile"] == 64 else "_engine" if r["tile"] == 0 else f"_tile{r['tile']}"
+        tail += "" if r["tile"] == 64 else f"_tile{r['tile']}"
         return f"bs{r['batch']}_ctx{r['ctx']}{tail}"
 
     metrics = {key(r): r for r in rows}

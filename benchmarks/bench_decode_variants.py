@@ -10,7 +10,7 @@ dependent launch off or wait-first (`kernels.pdl`), the fused post-attention nor
 (`kernels.fused_moe._DECODE_TINY`), qkv_proj on the skinny GEMM (`kernels.skinny_gemm.TUNED`), the
 register-tile GEMV's shapes and tiles (`kernels.gemv.TUNED`), the decode-row MoE GEMVs' shapes and tiles
 (`kernels.moe_gemv.TUNED`), decode attention's splits merged by the last to arrive
-(`kernels.paged_attention.LAST_SPLIT_MERGE`) and its launch (`DECODE_LAUNCH`, `PROGRAMS_PER_SM`, the merge kernel's
+(`kernels.paged_attention.LAST_SPLIT_MERGE`) and its launch (`NUM_STAGES`, `PROGRAMS_PER_SM`, the merge kernel's
 splits per step `merge_chunk`), the
 routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`), the
 routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in decode
@@ -86,9 +86,7 @@ VARIANTS: dict[str, Any] = {
     **{f"router_tile_{t // 1024}k": (lambda t=t: [(nr, "ROUTER_TILE", t), (nr, "ROUTER_TILE_SMALL", t)])
        for t in (2048, 4096, 8192, 16384)},
     "attn_last_split_merge": lambda: [(pa, "LAST_SPLIT_MERGE", True)],
-    "attn_stages5": lambda: [(pa, "DECODE_LAUNCH",
-                              {b: lc._replace(num_stages=5) for b, lc in pa.DECODE_LAUNCH.items()})],
-    "attn_launch_64": lambda: [(pa, "DECODE_LAUNCH", {})],  # every batch: 64-token tiles, 3 stages, 4 warps
+    "attn_stages5": lambda: [(pa, "NUM_STAGES", 5)],
     "attn_merge_tile64": lambda: [(pa, "merge_chunk", lambda s: 64)],  # one 64-split tile: the merge before
     "attn_merge_chunk4": lambda: [(pa, "MERGE_LOOP_CHUNK", 4)],
     "attn_pps4": lambda: [(pa, "PROGRAMS_PER_SM", 4)],

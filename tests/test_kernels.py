@@ -238,27 +238,14 @@ def test_paged_decode_splits_used():
     assert [splits_used(n, 64, 1, 128) for n in (1, 128, 129, 160, 2048)] == [1, 1, 2, 2, 16]  # 128-token tiles
 
 
-def test_paged_decode_launch_by_batch_bucket(monkeypatch):
-    """`decode_launch(N)`: the next listed bucket's entry, the largest bucket's beyond it; the kernel's
-    tile sets the split arithmetic (no more splits than tiles of the bound)."""
-    import qwen3coder.kernels.paged_attention as pa
-
-    monkeypatch.setattr(pa, "DECODE_LAUNCH", {1: pa.DecodeLaunch(128, 5, 4), 16: pa.DecodeLaunch(64, 2, 8)})
-    assert pa.decode_launch(1) == pa.DecodeLaunch(128, 5, 4)
-    assert pa.decode_launch(2) == pa.decode_launch(16) == pa.decode_launch(300) == pa.DecodeLaunch(64, 2, 8)
-    monkeypatch.setattr(pa, "DECODE_LAUNCH", {})
-    assert pa.decode_launch(4) == pa.DecodeLaunch()
+def test_paged_decode_tile_sets_the_split_arithmetic():
+    """No more splits than tiles of the bound, whatever the tile; a tile that is no power of two is refused."""
     cpu = torch.device("cpu")
     assert choose_num_splits(1, 1, 100, cpu, tile=128) == 1
     assert choose_num_splits(1, 1, 1000, cpu, tile=128) == 8
-
-
-def test_paged_decode_default_launch_table():
-    """Every decode graph bucket (1..64) is listed, with power-of-two tiles of 64 or 128 tokens."""
-    import qwen3coder.kernels.paged_attention as pa
-
-    assert set(pa.DECODE_LAUNCH) == {1, 2, 4, 8, 16, 32, 64}
-    assert all(launch.tile in (64, 128) and launch.num_stages >= 1 for launch in pa.DECODE_LAUNCH.values())
+    q, k_cache, v_cache, ctx = _paged_case([100], 4, 1, 64, 16, torch.float32, seed=2)
+    with pytest.raises(AssertionError, match="tile"):
+        paged_attention_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, 0.125, tile=96)
 
 
 def _decode_nan_scratch(*args, **kwargs) -> torch.Tensor:

@@ -21,9 +21,8 @@ Design (flash-decoding with a split count fixed on the host, token ranges chosen
   it) was measured and dropped: on an H200 it saved ~1 µs per call at short contexts alone, but cost up
   to 35% at batch 16 from 2K tokens (the tile held in registers beside the pipelined loop) and was slower
   in the model at batch 1, 2, 10 (2K context) and 16 (`decode_variants_30b-a3b-20261130T120159.json`).
-* The inner loop walks tiles of 64 or 128 tokens, and the launch (pipelining depth, warps) is chosen per
-  batch bucket (`DECODE_LAUNCH`: the batch size is all a CUDA graph can key on, the lengths being read on
-  the device); a tile's key/value rows are gathered through the block table
+* The inner loop walks `TILE`-token tiles (the `tile` argument: another power of two, for sweeps); a
+  tile's key/value rows are gathered through the block table
   (`block = token // block_size`, any power-of-two block size). Softmax is online, in base 2 with
   `scale * log2(e)` folded into the scores; tokens at or past `seq_len` are masked (and their block
   table entries never read). p is cast to the value dtype before the PV dot.
@@ -90,38 +89,13 @@ MERGE_LOOP_CHUNK = 8
 PROGRAMS_PER_SM = 2  # split programs `choose_num_splits` aims at per SM
 NUM_WARPS = 4  # warps of a split program
 NUM_STAGES = 3  # software-pipelining depth of the tile loop (Triton's default on CUDA)
-
-
-class DecodeLaunch(NamedTuple):
-    """The split kernel's tokens per tile-loop step, pipelining depth and warps."""
-    tile: int = TILE
-    num_stages: int = NUM_STAGES
-    num_warps: int = NUM_WARPS
-
-
-# Launch by batch bucket (the decode graphs' batch sizes; larger batches take the 64 entry). Chosen from
-# a sweep of tiles 64/128 x stages 2-5 x warps 4/8 at contexts 160-4,096 with the graph split counts (H200,
-# 30B-A3B heads, `bench_decode_attention.py --tiles 64,128 --stages 2,3,4,5 --warps 4,8`,
-# benchmarks/results/decode_attention_30b-a3b-20261130T184720.json), µs per layer (split + merge):
-#   batch 1, 160 / 300 / 2,048 / 4,096 tokens: 5.75 / 6.20 / 18.6 / 23.5 with (64, 3, 4) -> 6.15 / 6.32 /
-#     8.3 / 11.8 with (128, 5, 4)
-#   batch 2: 11.7 / 12.1 / 14.9 / 24.3 -> 6.0 / 6.2 / 10.1 / 17.9 with (128, 3, 4); batch 4 and 8 alike
-#   batch 10 (bucket 16), 2,048 / 3,072: 24.0 / 30.8 -> 19.3 / 24.3 with (128, 2, 4); batch 16 at
-#     160 / 2,048: 13.9 / 32.8 -> 11.4 / 31.0
-#   batch 32: the default within 9% of every case's best; batch 64: (64, 2, 8) 1-4% faster
-DECODE_LAUNCH: dict[int, DecodeLaunch] = {
-    1: DecodeLaunch(128, 5, 4), 2: DecodeLaunch(128, 3, 4), 4: DecodeLaunch(128, 2, 4), 8: DecodeLaunch(128, 2, 4),
-    16: DecodeLaunch(128, 2, 4), 32: DecodeLaunch(64, 3, 4), 64: DecodeLaunch(64, 2, 8),
-}
-
-
-def decode_launch(num_seqs: int) -> DecodeLaunch:
-    """`DECODE_LAUNCH`'s entry for a batch of `num_seqs` (the next listed bucket; the largest beyond)."""
-    for bucket in sorted(DECODE_LAUNCH):
-        if num_seqs <= bucket:
-            return DECODE_LAUNCH[bucket]
-    return DECODE_LAUNCH[max(DECODE_LAUNCH)] if DECODE_LAUNCH else DecodeLaunch()
-
+# Tiles, stages and warps by batch bucket were swept in isolation (`bench_decode_attention.py --tiles
+# 64,128 --stages 2,3,4,5 --warps 4,8`, decode_attention_30b-a3b-20261130T184720.json: e.g. 128-token
+# tiles with 2 stages 24.0 -> 19.3 µs at batch 10 / 2,048 tokens, 128 / 5 stages 18.6 -> 8.3 at batch 1 /
+# 2,048) but gave nothing in the engine's decode graphs (per-bucket table at 675b0e3, `bench_decode_variants.py`,
+# decode_variants_30b-a3b-20261130T185545.json / T185620.json: batch 1 at ~128-384 tokens 367 tok/s with
+# the per-bucket table against 388 without; batch 2 / 16 / 64 and batch 10 from 2,048 tokens within 0.3%),
+# so every batch keeps these defaults.
 _CPU_SMS = 8  # stand-in SM count off the GPU (Triton's interpreter)
 _LOG2E = 1.4426950408889634
 
@@ -437,8 +411,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     merge the splits in the attention kernel, no merge launch. `prologue`: q (then any token/head
     strides) and the prologue's k/v are the step's raw projections; the kernel norms and rotates them
     and stores k/v in the cache first, with the same arithmetic as `fused_qk_norm_rope_store` (same bits).
-    `tile` / `num_warps` / `num_stages` (None: `decode_launch(N)`'s) are the split kernel's tokens per
-    tile-loop step and launch options; the split arithmetic counts tiles of `tile` tokens."""
+    `tile` / `num_warps` / `num_stages` (None: `TILE` / `NUM_WARPS` / `NUM_STAGES`) are the split kernel's
+    tokens per tile-loop step and launch options; the split arithmetic counts tiles of `tile` tokens."""
     assert triton is not None, "triton is not installed"
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -450,8 +424,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
-    launch = decode_launch(num_seqs)
-    tile = tile or launch.tile
+    tile = tile or TILE
     assert tile >= 16 and tile & (tile - 1) == 0, f"tile must be a power of two >= 16, got {tile}"
     if num_splits is None:
         bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
@@ -475,8 +448,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1), num_splits, num_heads, min_tiles, **_prologue_args(prologue, q),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_ROWS), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE_N=tile, SPLIT=split, MERGE=merge_here, SPLITS_PAD=splits_pad,
-        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=num_warps or launch.num_warps,
-        num_stages=num_stages or launch.num_stages, **pdl_launch(q.device))
+        CHUNK=MERGE_CHUNK, IEEE=k_cache.dtype == torch.float32, num_warps=num_warps or NUM_WARPS,
+        num_stages=num_stages or NUM_STAGES, **pdl_launch(q.device))
     if split and not merge_here:
         _paged_decode_merge_kernel[(num_seqs, num_heads)](
             m, l, acc, seq_lens, out, num_splits, num_heads, min_tiles, out.stride(0), out.stride(1),

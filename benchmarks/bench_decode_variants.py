@@ -15,7 +15,9 @@ splits per step `merge_chunk`), the
 routing's expert-sorted layout built even for the MoE GEMVs (`models.layers.moe.SKIP_ALIGN_FOR_GEMV`), the
 routing's top-k form by rows (`kernels.moe_routing.PACKED_TOPK_MAX_ROWS`), QK-norm/RoPE in decode
 attention or in a kernel of its own (`models.layers.attention.FOLD_DECODE_PROLOGUE`); `a+b` runs two
-variants together. The decode CUDA graphs bake such choices in, so they are recaptured per variant; then
+variants together. `sol_no_attention` / `sol_no_experts` are speed-of-light probes, not candidates: the
+decode attention or the routed experts replaced by no work (wrong tokens), to bound what a faster kernel
+there could give. The decode CUDA graphs bake such choices in, so they are recaptured per variant; then
 decode tokens/s at each batch (`qwen3coder.bench.decode`'s measure: a 256-token run minus a 1-token run,
 `--prompt-len` prompts). A variant is only as good as its timing noise: run-to-run differences of ~1%
 were seen on an H200, so the baseline runs first and last (a variant named twice is run twice). JSON
@@ -65,6 +67,17 @@ def _moe_gemv(rows: tuple[int, ...], gu_tile: int, gu_warps: int, down_tile: int
     return {(r, 2048, 768): cfg for r in rows}
 
 
+def _no_attention(q, *args, **kwargs):
+    """Speed-of-light probe: decode attention replaced by its query (no kernel; wrong outputs)."""
+    return q
+
+
+def _no_experts(x, w13, w2, topk_weights, topk_ids, *args, reduce: bool = True, **kwargs):
+    """Speed-of-light probe: the experts replaced by zeros (one memset; wrong outputs)."""
+    n, k = topk_ids.shape
+    return x.new_zeros(n, x.shape[1]) if reduce else x.new_zeros(n, k, x.shape[1])
+
+
 def _tiles(gate_up: tuple[int, int, int, int], down: tuple[int, int, int, int]) -> fm.MoETiles:
     return fm.MoETiles(fm.GemmTiles(*gate_up), fm.GemmTiles(*down))
 
@@ -103,6 +116,9 @@ VARIANTS: dict[str, Any] = {
     "topk_two_reductions": lambda: [(mr, "PACKED_TOPK_MAX_ROWS", 0)],
     "topk_packed_all": lambda: [(mr, "PACKED_TOPK_MAX_ROWS", 1 << 30)],
     "router_align_always": lambda: [(moe_mod, "SKIP_ALIGN_FOR_GEMV", False)],
+    # speed-of-light probes (timing only, the tokens are garbage): what the step costs without a part
+    "sol_no_attention": lambda: [(pa, "paged_attention_decode", _no_attention)],
+    "sol_no_experts": lambda: [(fm, "fused_moe", _no_experts)],
 }
 
 

@@ -116,6 +116,8 @@ VARIANTS: dict[str, Any] = {
     "topk_two_reductions": lambda: [(mr, "PACKED_TOPK_MAX_ROWS", 0)],
     "topk_packed_all": lambda: [(mr, "PACKED_TOPK_MAX_ROWS", 1 << 30)],
     "router_align_always": lambda: [(moe_mod, "SKIP_ALIGN_FOR_GEMV", False)],
+    "routing_tiled_above_16": lambda: [(mr, "MAX_TILE", 16 * 128)],  # 30B-A3B: > 16 tokens take 3 launches
+    "routing_tiled_above_32": lambda: [(mr, "MAX_TILE", 32 * 128)],
     # speed-of-light probes (timing only, the tokens are garbage): what the step costs without a part
     "sol_no_attention": lambda: [(pa, "paged_attention_decode", _no_attention)],
     "sol_no_experts": lambda: [(fm, "fused_moe", _no_experts)],

@@ -118,6 +118,9 @@ VARIANTS: dict[str, Any] = {
     "router_align_always": lambda: [(moe_mod, "SKIP_ALIGN_FOR_GEMV", False)],
     "routing_tiled_above_16": lambda: [(mr, "MAX_TILE", 16 * 128)],  # 30B-A3B: > 16 tokens take 3 launches
     "routing_tiled_above_32": lambda: [(mr, "MAX_TILE", 32 * 128)],
+    "routing_warps16_large": lambda: [(mr, "FUSED_ROUTING_WARPS", ((4096, 4), (mr.MAX_TILE, 16)))],
+    "routing_warps8_from2k": lambda: [(mr, "FUSED_ROUTING_WARPS", ((2048, 4), (mr.MAX_TILE, 8)))],
+    "routing_warps16_from2k": lambda: [(mr, "FUSED_ROUTING_WARPS", ((2048, 4), (4096, 8), (mr.MAX_TILE, 16)))],
     # speed-of-light probes (timing only, the tokens are garbage): what the step costs without a part
     "sol_no_attention": lambda: [(pa, "paged_attention_decode", _no_attention)],
     "sol_no_experts": lambda: [(fm, "fused_moe", _no_experts)],

@@ -94,6 +94,13 @@ class RoutedPairs(NamedTuple):
 # benchmarks/results/decode_variants_30b-a3b-20261130T110031.json), tok/s: batch 1 376.7 -> 380.9, batch 2
 # 534.0 -> 538.4 with the keys, but batch 16 1,462 -> 1,447 (16 rows x 128 experts: 16 int64 keys a thread).
 PACKED_TOPK_MAX_ROWS = 2
+# warps of the one-program routing by its logits tile (padded tokens x experts): (largest tile, warps) in order
+FUSED_ROUTING_WARPS: tuple[tuple[int, int], ...] = ((4096, 4), (MAX_TILE, 8))
+
+
+def fused_routing_warps(tile: int) -> int:
+    """`num_warps` of `fused_route_align` for a logits tile of `tile` entries (`FUSED_ROUTING_WARPS`)."""
+    return next((warps for largest, warps in FUSED_ROUTING_WARPS if tile <= largest), FUSED_ROUTING_WARPS[-1][1])
 
 if triton is not None:
 
@@ -229,7 +236,7 @@ def fused_route_align(router_logits: torch.Tensor, top_k: int, norm_topk_prob: b
                                          router_logits.device)
     _fused_route_align_kernel[(1,)](
         router_logits, *routed, n, num_experts, router_logits.stride(0), **launch,
-        num_warps=4 if launch["N_PAD"] * launch["E_PAD"] <= 4096 else 8, **pdl_launch(router_logits.device))
+        num_warps=fused_routing_warps(launch["N_PAD"] * launch["E_PAD"]), **pdl_launch(router_logits.device))
     return routed
 
 

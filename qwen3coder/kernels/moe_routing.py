@@ -94,8 +94,11 @@ class RoutedPairs(NamedTuple):
 # benchmarks/results/decode_variants_30b-a3b-20261130T110031.json), tok/s: batch 1 376.7 -> 380.9, batch 2
 # 534.0 -> 538.4 with the keys, but batch 16 1,462 -> 1,447 (16 rows x 128 experts: 16 int64 keys a thread).
 PACKED_TOPK_MAX_ROWS = 2
-# warps of the one-program routing by its logits tile (padded tokens x experts): (largest tile, warps) in order
-FUSED_ROUTING_WARPS: tuple[tuple[int, int], ...] = ((4096, 4), (MAX_TILE, 8))
+# warps of the one-program routing by its logits tile (padded tokens x experts): (largest tile, warps) in order.
+# H200, 30B-A3B decode from 1,024-token prompts (`routing_warps*` of benchmarks/bench_decode_variants.py,
+# decode_variants_30b-a3b-20261130T191128.json): 8 warps from 17 tokens (4,096 entries; 4 before) took batch 32
+# from 2,011-2,020 to 2,097 tok/s; 16 warps at batch 64 (3,427-3,458 vs 3,404-3,434) within the noise, not taken.
+FUSED_ROUTING_WARPS: tuple[tuple[int, int], ...] = ((2048, 4), (MAX_TILE, 8))
 
 
 def fused_routing_warps(tile: int) -> int:

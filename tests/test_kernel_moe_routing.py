@@ -219,7 +219,7 @@ H30, E30, K30, I30 = 2048, 128, 8, 768
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 2, 8, 64, 128])
+@pytest.mark.parametrize("n", [1, 2, 8, 17, 32, 64, 128])
 def test_gpu_route_align_30b_shape(n):
     logits = _logits(n, E30, torch.bfloat16, seed=n)
     _check_parity(logits, K30, True, moe_block_m(n * K30, E30), torch.bfloat16)

@@ -98,6 +98,7 @@ PACKED_TOPK_MAX_ROWS = 2
 # H200, 30B-A3B decode from 1,024-token prompts (`routing_warps*` of benchmarks/bench_decode_variants.py,
 # decode_variants_30b-a3b-20261130T191128.json): 8 warps from 17 tokens (4,096 entries; 4 before) took batch 32
 # from 2,011-2,020 to 2,097 tok/s; 16 warps at batch 64 (3,427-3,458 vs 3,404-3,434) within the noise, not taken.
+# (The tile sizes, not token counts, are the key: with more experts the step comes at fewer tokens.)
 FUSED_ROUTING_WARPS: tuple[tuple[int, int], ...] = ((2048, 4), (MAX_TILE, 8))
 
 

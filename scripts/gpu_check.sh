@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU milestone measures, in one command on a CUDA machine (e.g. one `device` call):
-#   scripts/gpu_check.sh [steps]      steps: comma-separated from tests,kernels,bench,ab
+#   scripts/gpu_check.sh [steps]      steps: comma-separated from tests,kernels,bench,ab,probes
 #                                     (default: tests,kernels,bench)
 # - tests:   the `gpu`- and `kernels`-marked tests (kernels vs references, engine parity, graphs, async
 #            scheduling)
@@ -9,6 +9,9 @@
 # - ab:      benchmarks/bench_decode_variants.py: batch-1/16 decode under launch variants (PDL modes,
 #            the fused norm+router+routing, MoE tiles, qkv on the skinny GEMM) in one process;
 #            $QWEN3CODER_AB picks variants (comma-separated; default all)
+# - probes:  the speed-of-light probes of bench_decode_variants.py (decode without attention, without
+#            the routed experts, without both) at the four decode scenarios of the targets: what each
+#            part of a step costs in the engine (docs/PERFORMANCE.md)
 # Results (JSON) go to $QWEN3CODER_RESULTS, else $OUT (the device tool's output folder), else
 # benchmarks/results. Pass QWEN3CODER_COMMIT=<hash> from your checkout: a copied tree's `git rev-parse`
 # can answer with a stale HEAD (it did on the device machine). Wheels the machine lacks (fastapi, uvicorn, ... for the online scenario and the
@@ -46,5 +49,11 @@ if [[ $steps == *,bench,* ]]; then
 fi
 if [[ $steps == *,ab,* ]]; then
   run "$py" benchmarks/bench_decode_variants.py --variants "${QWEN3CODER_AB:-all}"
+fi
+if [[ $steps == *,probes,* ]]; then
+  probes=baseline,sol_no_attention,sol_no_experts,sol_no_attention+sol_no_experts
+  run "$py" benchmarks/bench_decode_variants.py --batches 1,16 --variants "$probes"
+  run "$py" benchmarks/bench_decode_variants.py --batches 10 --prompt-len 2048 --variants "$probes"
+  run "$py" benchmarks/bench_decode_variants.py --batches 64 --prompt-len 1024 --out-len 128 --variants "$probes"
 fi
 exit $rc

@@ -89,13 +89,8 @@ MERGE_LOOP_CHUNK = 8
 PROGRAMS_PER_SM = 2  # split programs `choose_num_splits` aims at per SM
 NUM_WARPS = 4  # warps of a split program
 NUM_STAGES = 3  # software-pipelining depth of the tile loop (Triton's default on CUDA)
-# Tiles, stages and warps by batch bucket were swept in isolation (`bench_decode_attention.py --tiles
-# 64,128 --stages 2,3,4,5 --warps 4,8`, decode_attention_30b-a3b-20261130T184720.json: e.g. 128-token
-# tiles with 2 stages 24.0 -> 19.3 µs at batch 10 / 2,048 tokens, 128 / 5 stages 18.6 -> 8.3 at batch 1 /
-# 2,048) but gave nothing in the engine's decode graphs (per-bucket table at 675b0e3, `bench_decode_variants.py`,
-# decode_variants_30b-a3b-20261130T185545.json / T185620.json: batch 1 at ~128-384 tokens 367 tok/s with
-# the per-bucket table against 388 without; batch 2 / 16 / 64 and batch 10 from 2,048 tokens within 0.3%),
-# so every batch keeps these defaults.
+# One launch for every batch: 128-token tiles and other stages / warps chosen per batch bucket were 10-55%
+# faster per call in isolation but no faster in the decode graphs (docs/PERFORMANCE.md, twelfth session).
 _CPU_SMS = 8  # stand-in SM count off the GPU (Triton's interpreter)
 _LOG2E = 1.4426950408889634
 

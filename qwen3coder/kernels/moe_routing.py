@@ -106,6 +106,7 @@ def fused_routing_warps(tile: int) -> int:
     """`num_warps` of `fused_route_align` for a logits tile of `tile` entries (`FUSED_ROUTING_WARPS`)."""
     return next((warps for largest, warps in FUSED_ROUTING_WARPS if tile <= largest), FUSED_ROUTING_WARPS[-1][1])
 
+
 if triton is not None:
 
     @triton.jit

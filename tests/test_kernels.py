@@ -267,16 +267,16 @@ def _decode_nan_scratch(*args, **kwargs) -> torch.Tensor:
 MIXED_LENS = [1, 63, 64, 65, 160, 256, 257, 700]
 
 
-@pytest.mark.parametrize("min_tiles", [1, 2, 4, 1000])
-@pytest.mark.parametrize("num_splits", [3, 64])
-@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size",
-                         [(8, 2, 64, 16), (8, 1, 128, 32), (6, 2, 32, 16)])
-@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("min_tiles, num_splits, heads, kv_heads, head_dim, block_size, tile", [
+    *[(mt, s, *shape, 64) for mt in (1, 2, 4, 1000) for s in (3, 64)
+      for shape in ((8, 2, 64, 16), (8, 1, 128, 32), (6, 2, 32, 16))],
+    *[(mt, s, 8, 2, 64, 16, 128) for mt in (1, 4) for s in (3, 64)],  # 128-token tiles (a sweep option)
+])
 def test_paged_decode_min_tiles(min_tiles, num_splits, heads, kv_heads, head_dim, block_size, tile):
-    """A fixed split count (64: a captured graph's) and a floor of tiles per split, with 64- and
-    128-token tiles: in one batch some sequences use a single split (their output written by the split
-    kernel, the merge skipping them) and others several (merged). Rows of single-split sequences equal
-    the `S == 1` path bitwise."""
+    """A fixed split count (64: a captured graph's) and a floor of tiles per split, with 64-token tiles
+    (and 128 on one shape): in one batch some sequences use a single split (their output written by the
+    split kernel, the merge skipping them) and others several (merged). Rows of single-split sequences
+    equal the `S == 1` path bitwise."""
     q, k_cache, v_cache, ctx = _paged_case(MIXED_LENS, heads, kv_heads, head_dim, block_size, torch.float32,
                                            seed=7, width=64)
     used = [splits_used(n, num_splits, min_tiles, tile) for n in MIXED_LENS]
